@@ -1,0 +1,31 @@
+# Two entry points: `make bench` (the main job) and `make test`.
+# Both create .venv with the pinned CPU build of PyTorch on first use.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# torch 2.13.0 is a local CPU wheel here; an unpinned torch pulls several GB of CUDA.
+TORCH_PIN ?= torch==2.13.0
+
+.PHONY: install bench test lint clean
+
+$(VENV)/.installed: pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH_PIN)
+	$(PY) -m pip install -q -e '.[test,bench]'
+	touch $@
+
+install: $(VENV)/.installed
+
+bench: install
+	$(PY) -m msdeformattn.bench
+
+lint: install
+	$(VENV)/bin/ruff check src tests
+	$(VENV)/bin/ruff format --check src tests
+
+test: lint
+	$(PY) -m pytest -q
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis

@@ -1,0 +1,333 @@
+"""Benchmark: every available backend beside the peers, on detector-shaped inputs.
+
+    python -m msdeformattn.bench                    # default cases, float32
+    python -m msdeformattn.bench --cases decoder --dtype bfloat16
+
+Times forward (no grad) and forward+backward with ``torch.utils.benchmark``
+(medians), prints speed-ups over the grid_sample formulation that the
+reference implementation and Hugging Face transformers use, and the peak
+extra memory of one forward+backward (on the CPU: the growth of the peak RSS
+of a fresh process; on CUDA: ``max_memory_allocated``).
+
+Inputs are shaped like a trained model's: encoder queries sample around
+their own pixel, decoder queries around random points, offsets of a few
+pixels, attention weights a softmax over each head's L*P points.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch.utils import benchmark
+
+import msdeformattn
+
+COCO_LEVELS = ((100, 150), (50, 75), (25, 38), (13, 19))
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    N: int
+    levels: tuple[tuple[int, int], ...]
+    #: None: one query per pixel of every level (the encoder).
+    Lq: int | None
+    M: int = 8
+    D: int = 32
+    P: int = 4
+
+
+CASES = {
+    c.name: c
+    for c in (
+        Case("encoder-N1", 1, COCO_LEVELS, None),
+        Case("encoder-N2", 2, COCO_LEVELS, None),
+        Case("decoder-N2", 2, COCO_LEVELS, 300),
+        Case("small", 2, ((16, 16), (8, 8), (4, 4), (2, 2)), 100),
+    )
+}
+DEFAULT_CASES = ("encoder-N1", "encoder-N2", "decoder-N2", "small")
+
+
+def make_inputs(case: Case, dtype: torch.dtype, device: str, seed: int = 0):
+    """(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)."""
+    g = torch.Generator().manual_seed(seed)
+    shapes = torch.tensor(case.levels, dtype=torch.int64)
+    areas = shapes.prod(1)
+    starts = torch.cat([areas.new_zeros(1), areas.cumsum(0)[:-1]])
+    S = int(areas.sum())
+    L = len(case.levels)
+    if case.Lq is None:
+        centres = []
+        for h, w in case.levels:
+            ys, xs = torch.meshgrid(
+                (torch.arange(h) + 0.5) / h, (torch.arange(w) + 0.5) / w, indexing="ij"
+            )
+            centres.append(torch.stack([xs.reshape(-1), ys.reshape(-1)], -1))
+        ref = torch.cat(centres).expand(case.N, S, 2)
+    else:
+        ref = torch.rand(case.N, case.Lq, 2, generator=g)
+    Lq = ref.shape[1]
+    wh = shapes.flip(-1).to(torch.float32)  # (L, 2) as (W, H)
+    offsets = 2.0 * torch.randn(case.N, Lq, case.M, L, case.P, 2, generator=g)
+    loc = ref[:, :, None, None, None, :] + offsets / wh[None, None, None, :, None, :]
+    logits = torch.randn(case.N, Lq, case.M, L * case.P, generator=g)
+    attn = logits.softmax(-1).view(case.N, Lq, case.M, L, case.P)
+    value = torch.randn(case.N, S, case.M, case.D, generator=g)
+    return tuple(
+        t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
+        for t in (value, shapes, starts, loc, attn)
+    )
+
+
+def grid_sample_formulation(value, spatial_shapes, level_start_index, loc, attn):
+    """The pure-PyTorch path of the reference implementation and of transformers, restated."""
+    N, _, M, D = value.shape
+    _, Lq, _, L, P, _ = loc.shape
+    sizes = [h * w for h, w in spatial_shapes.tolist()]
+    grids = 2 * loc - 1
+    sampled = []
+    for l, (v, (h, w)) in enumerate(
+        zip(value.split(sizes, dim=1), spatial_shapes.tolist(), strict=True)
+    ):
+        v = v.flatten(2).transpose(1, 2).reshape(N * M, D, h, w)
+        grid = grids[:, :, :, l].transpose(1, 2).flatten(0, 1)
+        sampled.append(
+            F.grid_sample(v, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+        )
+    weights = attn.transpose(1, 2).reshape(N * M, 1, Lq, L * P)
+    out = (torch.stack(sampled, dim=-2).flatten(-2) * weights).sum(-1)
+    return out.view(N, M * D, Lq).transpose(1, 2).contiguous()
+
+
+def _transformers_fn() -> Callable | None:
+    """transformers' MultiScaleDeformableAttention (its pure-PyTorch path on the CPU)."""
+    try:
+        from transformers.models.deformable_detr.modeling_deformable_detr import (
+            MultiScaleDeformableAttention,
+        )
+    except ImportError:
+        return None
+    module = MultiScaleDeformableAttention()
+
+    def run(value, spatial_shapes, level_start_index, loc, attn):
+        shapes_list = [tuple(s) for s in spatial_shapes.tolist()]
+        return module(value, spatial_shapes, shapes_list, level_start_index, loc, attn, 64)
+
+    return run
+
+
+def contenders(device: str) -> dict[str, Callable]:
+    """Name -> function with the operator's signature, ours first, then the peers."""
+    fns: dict[str, Callable] = {}
+    for name in msdeformattn.available_backends():
+
+        def ours(*args, _name=name):
+            return msdeformattn.ms_deform_attn(*args, backend=_name)
+
+        probe = make_inputs(CASES["small"], torch.float32, device)
+        if msdeformattn.ops.get_backend(name).supports(probe[0], probe[3], probe[4]):
+            fns[f"msdeformattn:{name}"] = ours
+    fns["peer:grid_sample"] = grid_sample_formulation
+    hf = _transformers_fn()
+    if hf is not None:
+        fns["peer:transformers"] = hf
+    return fns
+
+
+def _fwd(fn, inputs):
+    with torch.no_grad():
+        fn(*inputs)
+
+
+def _fwd_bwd(fn, inputs, grad):
+    # autograd.grad, not backward(): accumulating into .grad would time an extra add.
+    value, _, _, loc, attn = inputs
+    torch.autograd.grad(fn(*inputs), (value, loc, attn), grad)
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def _with_grad(inputs):
+    value, shapes, starts, loc, attn = inputs
+    return (
+        value.clone().requires_grad_(),
+        shapes,
+        starts,
+        loc.clone().requires_grad_(),
+        attn.clone().requires_grad_(),
+    )
+
+
+def time_case(fn, inputs, min_run_time: float) -> tuple[float, float]:
+    """Median seconds of forward and of forward+backward."""
+    inputs = _with_grad(inputs)
+    grad = torch.randn_like(fn(*inputs))
+    for _ in range(2):  # warm-up: compilation, caches, allocator
+        _fwd_bwd(fn, inputs, grad)
+    # Timer runs on one thread unless told otherwise.
+    threads = torch.get_num_threads()
+    fwd = benchmark.Timer(
+        "f(fn, x)", globals={"f": _fwd, "fn": fn, "x": inputs}, num_threads=threads
+    )
+    fb = benchmark.Timer(
+        "f(fn, x, g)",
+        globals={"f": _fwd_bwd, "fn": fn, "x": inputs, "g": grad},
+        num_threads=threads,
+    )
+    return (
+        fwd.blocked_autorange(min_run_time=min_run_time).median,
+        fb.blocked_autorange(min_run_time=min_run_time).median,
+    )
+
+
+def _status_bytes(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+def peak_memory_probe(case_name: str, contender: str, dtype: str, device: str) -> int:
+    """Peak extra bytes of one forward+backward, after one warm-up on a small case."""
+    fn = contenders(device)[contender]
+    dt = getattr(torch, dtype)
+    small = _with_grad(make_inputs(CASES["small"], dt, device))
+    _fwd_bwd(fn, small, torch.ones_like(fn(*small)))  # loads kernels: their code is not counted
+    inputs = _with_grad(make_inputs(CASES[case_name], dt, device))
+    with torch.no_grad():
+        grad = torch.ones_like(fn(*inputs))
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        _fwd_bwd(fn, inputs, grad)
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base
+    # Writing 5 to clear_refs resets the peak RSS (VmHWM) to the current RSS.
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    base = _status_bytes("VmRSS")
+    _fwd_bwd(fn, inputs, grad)
+    return _status_bytes("VmHWM") - base
+
+
+def peak_memory(case_name: str, contender: str, dtype: str, device: str) -> int:
+    """Run :func:`peak_memory_probe` in a fresh process, so earlier peaks don't count."""
+    cmd = [
+        sys.executable,
+        "-m",
+        "msdeformattn.bench",
+        "--memory-probe",
+        case_name,
+        contender,
+        dtype,
+        device,
+    ]
+    # A fixed mmap threshold makes glibc return every large block to the
+    # system when freed, so RSS follows the live allocations.
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
+    return int(out.strip().splitlines()[-1])
+
+
+def _result_bytes(inputs) -> int:
+    """Bytes of what a forward+backward must return: the output and three gradients."""
+    value, _, _, loc, attn = inputs
+    N, _, M, D = value.shape
+    out = N * loc.shape[1] * M * D * value.element_size()
+    return out + sum(t.numel() * t.element_size() for t in (value, loc, attn))
+
+
+def run(cases, dtype: str, device: str, min_run_time: float, memory: bool) -> list[dict]:
+    rows = []
+    fns = contenders(device)
+    for case_name in cases:
+        case = CASES[case_name]
+        inputs = make_inputs(case, getattr(torch, dtype), device)
+        base = None
+        for name, fn in fns.items():
+            t_f, t_fb = time_case(fn, inputs, min_run_time)
+            if name == "peer:grid_sample":
+                base = (t_f, t_fb)
+            mem = peak_memory(case_name, name, dtype, device) if memory else None
+            rows.append(
+                dict(
+                    case=case_name,
+                    contender=name,
+                    fwd_s=t_f,
+                    fwd_bwd_s=t_fb,
+                    peak_bytes=mem,
+                    workspace_bytes=None if mem is None else mem - _result_bytes(inputs),
+                )
+            )
+        for r in rows:
+            if r["case"] == case_name and base:
+                r["speedup_fwd"] = base[0] / r["fwd_s"]
+                r["speedup_fwd_bwd"] = base[1] / r["fwd_bwd_s"]
+        _sync(device)
+    return rows
+
+
+def format_table(rows: list[dict]) -> str:
+    head = (
+        "| case | contender | forward ms | x grid_sample | fwd+bwd ms | x grid_sample "
+        "| peak extra MiB | workspace MiB |"
+    )
+    lines = [head, "|" + "---|" * 8]
+
+    def mib(b):
+        return "-" if b is None else f"{b / 2**20:.0f}"
+
+    for r in rows:
+        lines.append(
+            f"| {r['case']} | {r['contender']} | {r['fwd_s'] * 1e3:.2f} | {r['speedup_fwd']:.1f}x "
+            f"| {r['fwd_bwd_s'] * 1e3:.2f} | {r['speedup_fwd_bwd']:.1f}x "
+            f"| {mib(r['peak_bytes'])} | {mib(r['workspace_bytes'])} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(
+        prog="python -m msdeformattn.bench", description=__doc__.split("\n")[0]
+    )
+    p.add_argument("--cases", nargs="+", default=list(DEFAULT_CASES), choices=sorted(CASES))
+    p.add_argument(
+        "--dtype", default="float32", choices=["float32", "float16", "bfloat16", "float64"]
+    )
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--min-run-time", type=float, default=1.0, help="seconds per measurement")
+    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory probes")
+    p.add_argument("--json", metavar="FILE", help="also write the rows as JSON")
+    p.add_argument("--memory-probe", nargs=4, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.memory_probe:
+        print(peak_memory_probe(*args.memory_probe))
+        return
+    header = (
+        f"device={args.device} dtype={args.dtype} torch={torch.__version__} "
+        f"threads={torch.get_num_threads()}"
+    )
+    print(header, flush=True)
+    rows = run(args.cases, args.dtype, args.device, args.min_run_time, not args.no_memory)
+    print(format_table(rows))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"header": header, "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

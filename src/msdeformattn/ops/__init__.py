@@ -1,0 +1,25 @@
+"""The operator: one registry of backends, one validation, one torch.library op."""
+
+from .op import ms_deform_attn
+from .registry import (
+    Backend,
+    BackendNotSupportedError,
+    Resolution,
+    available_backends,
+    get_backend,
+    register,
+    resolve,
+)
+from .validate import check_inputs
+
+__all__ = [
+    "Backend",
+    "BackendNotSupportedError",
+    "Resolution",
+    "available_backends",
+    "check_inputs",
+    "get_backend",
+    "ms_deform_attn",
+    "register",
+    "resolve",
+]

@@ -1,0 +1,64 @@
+"""Shared test helpers: random operator inputs and the tolerances, one place per dtype."""
+
+from __future__ import annotations
+
+import torch
+
+# Float32 comparisons between backends: different summation orders only.
+TOL = {
+    torch.float64: dict(atol=1e-10, rtol=1e-9),
+    torch.float32: dict(atol=2e-5, rtol=1e-4),
+}
+
+
+def level_table(levels):
+    shapes = torch.tensor(levels, dtype=torch.int64).view(-1, 2)
+    areas = shapes.prod(1)
+    starts = torch.cat([areas.new_zeros(1), areas.cumsum(0)[:-1]])
+    return shapes, starts, int(areas.sum())
+
+
+def make_inputs(
+    N=2,
+    Lq=5,
+    M=2,
+    D=3,
+    levels=((4, 6), (2, 3), (1, 1)),
+    P=2,
+    dtype=torch.float64,
+    low=-0.3,
+    high=1.3,
+    seed=0,
+    requires_grad=False,
+):
+    """Random (value, spatial_shapes, level_start_index, sampling_locations, attention_weights).
+
+    Locations are uniform in [low, high], so some fall outside the maps.
+    """
+    g = torch.Generator().manual_seed(seed)
+    shapes, starts, S = level_table(levels)
+    L = shapes.shape[0]
+    value = torch.randn(N, S, M, D, generator=g, dtype=torch.float64).to(dtype)
+    loc = low + (high - low) * torch.rand(N, Lq, M, L, P, 2, generator=g, dtype=torch.float64)
+    attn = torch.rand(N, Lq, M, L, P, generator=g, dtype=torch.float64)
+    out = [value, shapes, starts, loc.to(dtype), attn.to(dtype)]
+    if requires_grad:
+        for i in (0, 3, 4):
+            out[i].requires_grad_()
+    return tuple(out)
+
+
+def grads(fn, inputs, grad_output=None):
+    """(output, grad_value, grad_loc, grad_attn) of fn on inputs, with fresh leaves.
+
+    detach() keeps each input's strides, so non-contiguous inputs stay so.
+    """
+    value, shapes, starts, loc, attn = (
+        t.detach().requires_grad_() if t.is_floating_point() else t for t in inputs
+    )
+    out = fn(value, shapes, starts, loc, attn)
+    if grad_output is None:
+        g = torch.Generator().manual_seed(1)
+        grad_output = torch.randn(out.shape, generator=g, dtype=torch.float64).to(out.dtype)
+    gv, gl, ga = torch.autograd.grad(out, (value, loc, attn), grad_output)
+    return out.detach(), gv, gl, ga

@@ -1,0 +1,200 @@
+"""Every backend against the reference: gradcheck in float64, a float32 sweep, the edges."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import msdeformattn
+from msdeformattn.ops import get_backend
+
+from ..conftest import TOL, grads, make_inputs
+
+BACKENDS = [
+    b
+    for b in msdeformattn.available_backends()
+    if get_backend(b).supports(torch.zeros(1, 1, 1, 1), torch.zeros(1), torch.zeros(1))
+]
+FUSED = [b for b in BACKENDS if b != "reference"]
+
+
+def run(backend):
+    def fn(*inputs):
+        return msdeformattn.ms_deform_attn(*inputs, backend=backend)
+
+    return fn
+
+
+def assert_matches_reference(backend, inputs, dtype=torch.float32, check_loc=True):
+    got = grads(run(backend), inputs)
+    expected = grads(run("reference"), inputs)
+    names = ("output", "grad_value", "grad_sampling_locations", "grad_attention_weights")
+    for name, g, e in zip(names, got, expected, strict=True):
+        if name == "grad_sampling_locations" and not check_loc:
+            continue
+        torch.testing.assert_close(g, e, **TOL[dtype], msg=lambda m, n=name: f"{n}: {m}")
+
+
+def test_cpu_backend_is_available():
+    assert "cpu" in BACKENDS and "reference" in BACKENDS
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(
+    "shape",
+    [
+        dict(N=2, Lq=3, M=2, D=3, levels=((4, 6), (2, 3), (1, 1)), P=2),
+        dict(N=1, Lq=2, M=3, D=5, levels=((1, 7),), P=1),
+        dict(N=3, Lq=1, M=1, D=2, levels=((5, 2), (3, 3)), P=3),
+    ],
+    ids=["3lv", "1xW-1lv-1pt", "batch3"],
+)
+def test_gradcheck_float64(backend, shape):
+    # Random points never sit exactly on a pixel position, where bilinear
+    # sampling has kinks and finite differences are meaningless.
+    value, shapes, starts, loc, attn = make_inputs(**shape, requires_grad=True)
+    assert torch.autograd.gradcheck(
+        lambda v, l, a: msdeformattn.ms_deform_attn(v, shapes, starts, l, a, backend=backend),
+        (value, loc, attn),
+        atol=1e-7,
+        rtol=1e-5,
+    )
+
+
+@st.composite
+def cases(draw):
+    L = draw(st.integers(1, 4))
+    levels = tuple(
+        draw(st.sampled_from([(1, 1), (1, draw(st.integers(2, 9))), (draw(st.integers(2, 9)), 1)]))
+        if draw(st.booleans())
+        else (draw(st.integers(1, 12)), draw(st.integers(1, 12)))
+        for _ in range(L)
+    )
+    return dict(
+        N=draw(st.integers(1, 3)),
+        Lq=draw(st.integers(1, 24)),
+        M=draw(st.integers(1, 4)),
+        D=draw(st.integers(1, 40)),
+        levels=levels,
+        P=draw(st.integers(1, 4)),
+        seed=draw(st.integers(0, 2**31 - 1)),
+    )
+
+
+@pytest.mark.parametrize("backend", FUSED)
+@settings(max_examples=60, deadline=None)
+@given(case=cases())
+def test_float32_sweep_matches_reference(backend, case):
+    assert_matches_reference(backend, make_inputs(**case, dtype=torch.float32))
+
+
+@pytest.mark.parametrize("backend", FUSED)
+def test_exact_edges_match_reference(backend):
+    """Points on map edges, one pixel outside, and on pixel centres, as grid_sample does them."""
+    value, shapes, starts, loc, attn = make_inputs(
+        N=2, Lq=16, M=2, D=8, levels=((3, 4), (1, 1), (2, 5)), P=4, dtype=torch.float32
+    )
+    g = torch.Generator().manual_seed(3)
+    for l, (H, W) in enumerate(shapes.tolist()):
+        for c, size in ((0, W), (1, H)):
+            edges = torch.tensor([0.0, 1.0, -0.5 / size, 1 + 0.5 / size, 0.5 / size, -2.0, 3.0])
+            pick = torch.randint(0, len(edges), loc[:, :, :, l, :, c].shape, generator=g)
+            loc[:, :, :, l, :, c] = edges[pick]
+    # grad_loc is not defined at the kinks these points sit on; the rest must agree.
+    assert_matches_reference(backend, (value, shapes, starts, loc, attn), check_loc=False)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_non_finite_locations_contribute_nothing(backend):
+    value, shapes, starts, loc, attn = make_inputs(N=2, Lq=4, M=2, D=3, P=2, dtype=torch.float32)
+    loc[0, 0, 0, 0, 0, 0] = float("nan")
+    loc[1, 1, 1, 1, 1, 1] = float("inf")
+    loc[1, 2, 0, 2, 0] = -float("inf")
+    loc[0, 3, 1] = float("nan")
+    keep = torch.isfinite(loc).all(-1)
+    out, gv, gl, ga = grads(run(backend), (value, shapes, starts, loc, attn))
+    for t in (out, gv, gl, ga):
+        assert torch.isfinite(t).all()
+    assert (gl[~keep] == 0).all() and (ga[~keep] == 0).all()
+    # The same as giving those samples zero weight.
+    out_zeroed = run(backend)(
+        value, shapes, starts, torch.where(keep[..., None], loc, 0.5), attn * keep
+    )
+    torch.testing.assert_close(out, out_zeroed, **TOL[torch.float32])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_huge_locations_stay_in_bounds(backend):
+    value, shapes, starts, loc, attn = make_inputs(N=1, Lq=3, M=1, D=2, P=2, dtype=torch.float32)
+    loc[0, 0, 0, 0, 0] = torch.tensor([1e30, -1e30])
+    loc[0, 1, 0, 1, 1] = torch.tensor([-3e38, 3e38])
+    loc[0, 2, 0, 2, 0] = torch.tensor([2.0**40, 0.5])
+    assert_matches_reference(backend, (value, shapes, starts, loc, attn))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_non_contiguous_inputs(backend):
+    value, shapes, starts, loc, attn = make_inputs(N=2, Lq=5, M=3, D=4, P=2, dtype=torch.float32)
+    nc = (
+        value.transpose(0, 1).contiguous().transpose(0, 1),
+        shapes,
+        starts,
+        loc.permute(1, 0, 2, 3, 4, 5).contiguous().permute(1, 0, 2, 3, 4, 5),
+        torch.empty(*attn.shape, 2)[..., 0].copy_(attn),
+    )
+    assert not any(t.is_contiguous() for t in (nc[0], nc[3], nc[4]))
+    for e, g in zip(
+        grads(run(backend), (value, shapes, starts, loc, attn)),
+        grads(run(backend), nc),
+        strict=True,
+    ):
+        torch.testing.assert_close(g, e, **TOL[torch.float32])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("empty", ["N", "Lq"])
+def test_empty_batch_or_queries(backend, empty):
+    kw = dict(N=2, Lq=3, M=2, D=3, P=2, dtype=torch.float32)
+    kw[empty] = 0
+    out, gv, gl, ga = grads(run(backend), make_inputs(**kw))
+    assert out.shape == (kw["N"], kw["Lq"], 6)
+    assert gv.abs().sum() == 0 and gl.numel() == 0 and ga.numel() == 0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_backward_is_bitwise_deterministic(backend):
+    inputs = make_inputs(N=2, Lq=40, M=2, D=16, P=4, dtype=torch.float32, low=0, high=1)
+    first = grads(run(backend), inputs)
+    second = grads(run(backend), inputs)
+    for a, b in zip(first, second, strict=True):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_within_twice_the_reference_error(backend, dtype):
+    """Low precision by rule: error vs float64 at most twice the reference's in that dtype."""
+    inputs64 = make_inputs(N=2, Lq=30, M=2, D=16, P=4, low=0, high=1)
+    exact = grads(run("reference"), inputs64)
+    low = tuple(t.to(dtype) if t.is_floating_point() else t for t in inputs64)
+    ref_low = grads(run("reference"), low, exact[0].new_ones(exact[0].shape).to(dtype))
+    got = grads(run(backend), low, exact[0].new_ones(exact[0].shape).to(dtype))
+    exact = grads(run("reference"), inputs64, exact[0].new_ones(exact[0].shape))
+    for g, r, e in zip(got, ref_low, exact, strict=True):
+        assert g.dtype == dtype
+        err = (g.double() - e).abs().max()
+        ref_err = (r.double() - e).abs().max()
+        assert err <= 2 * ref_err + 1e-6, (err, ref_err)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_mixed_precision_value_half_locations_float(backend):
+    """What autocast produces: value in low precision, locations and weights in float32."""
+    value, shapes, starts, loc, attn = make_inputs(N=1, Lq=8, M=2, D=8, P=2, dtype=torch.float32)
+    out, gv, gl, ga = grads(run(backend), (value.bfloat16(), shapes, starts, loc, attn))
+    assert out.dtype == gv.dtype == torch.bfloat16
+    assert gl.dtype == ga.dtype == torch.float32
+    expected = run("reference")(value.bfloat16().float(), shapes, starts, loc, attn)
+    torch.testing.assert_close(out.float(), expected, atol=2e-2, rtol=2e-2)

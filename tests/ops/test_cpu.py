@@ -1,0 +1,106 @@
+"""CPU backend specifics: both grad_value strategies, threads, the on-disk cache."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numba
+import pytest
+import torch
+
+import msdeformattn
+from msdeformattn.ops import cpu
+
+from ..conftest import TOL, grads, make_inputs
+
+
+def run_cpu(*inputs):
+    return msdeformattn.ms_deform_attn(*inputs, backend="cpu")
+
+
+def run_ref(*inputs):
+    return msdeformattn.ms_deform_attn(*inputs, backend="reference")
+
+
+@pytest.fixture
+def threads():
+    before = torch.get_num_threads()
+    yield torch.set_num_threads
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("plan", ["by_head", "by_thread"])
+@pytest.mark.parametrize("n_threads", [1, 2, 3])
+def test_both_backward_plans_match_reference(monkeypatch, threads, plan, n_threads):
+    threads(n_threads)
+    monkeypatch.setattr(cpu, "_backward_plan", lambda *args: plan)
+    inputs = make_inputs(
+        N=2, Lq=37, M=3, D=19, levels=((5, 7), (3, 4), (1, 2)), P=3, dtype=torch.float32
+    )
+    for g, e in zip(grads(run_cpu, inputs), grads(run_ref, inputs), strict=True):
+        torch.testing.assert_close(g, e, **TOL[torch.float32])
+
+
+def test_plan_choice():
+    # Encoder-like: many samples per pixel -> per-thread buffers.
+    assert cpu._backward_plan(N=1, M=8, S=20000, Lq=20000, LP=16, threads=2) == "by_thread"
+    # Decoder-like: few samples per pixel and enough (batch, head) tasks -> by head.
+    assert cpu._backward_plan(N=2, M=8, S=20000, Lq=300, LP=16, threads=2) == "by_head"
+    assert cpu._backward_plan(N=1, M=1, S=20000, Lq=300, LP=16, threads=4) == "by_thread"
+    assert cpu._backward_plan(N=1, M=1, S=20000, Lq=300, LP=16, threads=1) == "by_head"
+
+
+def test_by_head_is_independent_of_thread_count(monkeypatch, threads):
+    monkeypatch.setattr(cpu, "_backward_plan", lambda *args: "by_head")
+    inputs = make_inputs(N=2, Lq=50, M=4, D=16, P=4, dtype=torch.float32)
+    threads(1)
+    one = grads(run_cpu, inputs)
+    threads(2)
+    two = grads(run_cpu, inputs)
+    for a, b in zip(one, two, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_threads_follow_torch(threads):
+    inputs = make_inputs(dtype=torch.float32)
+    for n in (1, 2):
+        threads(n)
+        run_cpu(*inputs)
+        assert numba.get_num_threads() == min(n, numba.config.NUMBA_NUM_THREADS)
+
+
+def test_float64_is_computed_in_float64():
+    inputs = make_inputs(N=1, Lq=4, M=2, D=3)
+    out = run_cpu(*inputs)
+    assert out.dtype == torch.float64
+    torch.testing.assert_close(out, run_ref(*inputs), **TOL[torch.float64])
+
+
+def test_inconsistent_level_table_is_refused_even_unchecked():
+    """check_values=False skips the public check; the CPU backend still refuses to read out of bounds."""
+    value, shapes, starts, loc, attn = make_inputs(dtype=torch.float32)
+    bad = shapes.clone()
+    bad[0, 0] += 5
+    with pytest.raises(ValueError, match=r"spatial_shapes|level_start_index"):
+        msdeformattn.ms_deform_attn(
+            value, bad, starts, loc, attn, backend="cpu", check_values=False
+        )
+
+
+def test_second_process_loads_kernels_from_the_disk_cache():
+    run_cpu(*make_inputs(dtype=torch.float32))  # compiles (or loads) and saves
+    script = (
+        "import torch, msdeformattn\n"
+        "from msdeformattn.ops import _cpu_kernels as k\n"
+        "from tests.conftest import make_inputs\n"
+        "msdeformattn.ms_deform_attn(*make_inputs(dtype=torch.float32), backend='cpu')\n"
+        "print(sum(k.forward.stats.cache_hits.values()), sum(k.forward.stats.cache_misses.values()))\n"
+    )
+    root = Path(__file__).resolve().parents[2]
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=True, cwd=root
+    )
+    hits, misses = map(int, out.stdout.split())
+    assert hits >= 1 and misses == 0
