@@ -80,13 +80,14 @@ def level_tables(shapes, starts, M, P, dtype):
 
 
 @njit(cache=True, fastmath=_FASTMATH, inline="always")
-def _corners(loc, attn, i, lo, hi, base, M, whf, whi, offset, rows, wts):
-    """Corner rows and masked bilinear weights of slots lo..hi of query row i.
+def _corners(loc, attn, i, lo, hi, base, M, whf, whi, offset, rows, wts, fold):
+    """Corner rows and weights of slots lo..hi of query row i.
 
     rows[c, s]: the four corner rows (y0x0, y0x1, y1x0, y1x1), clamped inside
-    the level. wts[:, s]: wx0, wx1, wy0, wy1 (zero for a corner outside the
-    map), the attention weight (zero for a sample outside or non-finite) and
-    the inside flags vx0, vx1, vy0, vy1.
+    the level. With fold (the forward), wts[c, s] is the corner's bilinear
+    weight times the attention weight, zero for a corner outside the map.
+    Without (the backward), wts holds the parts: wx0, wx1, wy0, wy1 (masked),
+    the attention weight, and the inside flags vx0, vx1, vy0, vy1.
     """
     for s in range(lo, hi):
         Wf = whf[0, s]
@@ -110,15 +111,26 @@ def _corners(loc, attn, i, lo, hi, base, M, whf, whi, offset, rows, wts):
         vx1 = 1.0 if ix + 1 >= 0 and ix + 1 < W else 0.0
         vy0 = 1.0 if iy >= 0 and iy < H else 0.0
         vy1 = 1.0 if iy + 1 >= 0 and iy + 1 < H else 0.0
-        wts[_WX0, s] = (1.0 - fx) * vx0
-        wts[_WX1, s] = fx * vx1
-        wts[_WY0, s] = (1.0 - fy) * vy0
-        wts[_WY1, s] = fy * vy1
-        wts[_A, s] = attn[i, s] if inside else 0.0
-        wts[_VX0, s] = vx0
-        wts[_VX1, s] = vx1
-        wts[_VY0, s] = vy0
-        wts[_VY1, s] = vy1
+        wx0 = (1.0 - fx) * vx0
+        wx1 = fx * vx1
+        wy0 = (1.0 - fy) * vy0
+        wy1 = fy * vy1
+        a = attn[i, s] if inside else 0.0
+        if fold:
+            wts[0, s] = a * wy0 * wx0
+            wts[1, s] = a * wy0 * wx1
+            wts[2, s] = a * wy1 * wx0
+            wts[3, s] = a * wy1 * wx1
+        else:
+            wts[_WX0, s] = wx0
+            wts[_WX1, s] = wx1
+            wts[_WY0, s] = wy0
+            wts[_WY1, s] = wy1
+            wts[_A, s] = a
+            wts[_VX0, s] = vx0
+            wts[_VX1, s] = vx1
+            wts[_VY0, s] = vy0
+            wts[_VY1, s] = vy1
         cx0 = min(max(ix, 0), W - 1)
         cx1 = min(max(ix + 1, 0), W - 1)
         cy0 = min(max(iy, 0), H - 1)
@@ -149,25 +161,21 @@ def forward(value, loc, attn, out, whf, whi, offset, N, M, nthreads):
     chunk = (NQ + nthreads - 1) // nthreads
     for t in prange(nthreads):
         rows = np.empty((4, MLP), np.int64)
-        wts = np.empty((_NW, MLP), value.dtype)
+        wts = np.empty((4, MLP), value.dtype)
         acc = np.empty(D, value.dtype)
         for i in range(t * chunk, min(NQ, (t + 1) * chunk)):
-            _corners(loc, attn, i, 0, MLP, (i // Lq) * S * M, M, whf, whi, offset, rows, wts)
+            base = (i // Lq) * S * M
+            _corners(loc, attn, i, 0, MLP, base, M, whf, whi, offset, rows, wts, True)
             _prefetch_slots(value, rows, 0, LP)
             for m in range(M):
                 if m + 1 < M:
                     _prefetch_slots(value, rows, (m + 1) * LP, (m + 2) * LP)
                 acc[:] = 0
                 for s in range(m * LP, (m + 1) * LP):
-                    a = wts[_A, s]
-                    wy0 = wts[_WY0, s] * a
-                    wy1 = wts[_WY1, s] * a
-                    wx0 = wts[_WX0, s]
-                    wx1 = wts[_WX1, s]
-                    w00 = wy0 * wx0
-                    w01 = wy0 * wx1
-                    w10 = wy1 * wx0
-                    w11 = wy1 * wx1
+                    w00 = wts[0, s]
+                    w01 = wts[1, s]
+                    w10 = wts[2, s]
+                    w11 = wts[3, s]
                     r00 = rows[0, s]
                     r01 = rows[1, s]
                     r10 = rows[2, s]
@@ -261,7 +269,7 @@ def backward_by_head(value, loc, attn, gout, gvalue, gloc, gattn, whf, whi, offs
         hi = lo + LP
         for q in range(Lq):
             i = n * Lq + q
-            _corners(loc, attn, i, lo, hi, n * S * M, M, whf, whi, offset, rows, wts)
+            _corners(loc, attn, i, lo, hi, n * S * M, M, whf, whi, offset, rows, wts, False)
             _slots_backward(
                 value, gout, gvalue, gloc, gattn, i, m, lo, hi, whf, rows, wts, go, zero
             )
@@ -280,7 +288,7 @@ def _backward_queries(
     wts = np.empty((_NW, MLP), value.dtype)
     go = np.empty(D, value.dtype)
     for i in range(qlo, qhi):
-        _corners(loc, attn, i, 0, MLP, (i // Lq) * S * M, M, whf, whi, offset, rows, wts)
+        _corners(loc, attn, i, 0, MLP, (i // Lq) * S * M, M, whf, whi, offset, rows, wts, False)
         _prefetch_slots(value, rows, 0, LP)
         for m in range(M):
             if m + 1 < M:
