@@ -217,20 +217,18 @@ def _slots_backward(value, gout, gvalue, gloc, gattn, i, m, lo, hi, whf, rows, w
             d01 += g * value[r01, d]
             d10 += g * value[r10, d]
             d11 += g * value[r11, d]
-        # One loop per corner: the rows of clamped corners coincide, and
-        # accumulating in the loop above would keep it from vectorising.
-        aw = a * wy0 * wx0
+        aw00 = a * wy0 * wx0
+        aw01 = a * wy0 * wx1
+        aw10 = a * wy1 * wx0
+        aw11 = a * wy1 * wx1
+        # A separate loop: the rows of clamped corners coincide, and stores
+        # that may alias would keep the dot products above from vectorising.
         for d in range(D):
-            gvalue[r00, d] += aw * go[d]
-        aw = a * wy0 * wx1
-        for d in range(D):
-            gvalue[r01, d] += aw * go[d]
-        aw = a * wy1 * wx0
-        for d in range(D):
-            gvalue[r10, d] += aw * go[d]
-        aw = a * wy1 * wx1
-        for d in range(D):
-            gvalue[r11, d] += aw * go[d]
+            g = go[d]
+            gvalue[r00, d] += aw00 * g
+            gvalue[r01, d] += aw01 * g
+            gvalue[r10, d] += aw10 * g
+            gvalue[r11, d] += aw11 * g
         # Masked weights and flags drop the dot products of clamped corners.
         gattn[i, s] = wy0 * (wx0 * d00 + wx1 * d01) + wy1 * (wx0 * d10 + wx1 * d11)
         vx0 = wts[_VX0, s]
