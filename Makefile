@@ -4,7 +4,8 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 # torch 2.13.0 is a local CPU wheel here; an unpinned torch pulls several GB of CUDA.
-TORCH_PIN ?= torch==2.13.0
+# triton 3.6.0 is what the GPU machines run; here its interpreter tests the GPU kernels.
+TORCH_PIN ?= torch==2.13.0 triton==3.6.0
 
 .PHONY: install bench test lint clean
 

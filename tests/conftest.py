@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import os
+
+# The GPU kernels run under Triton's interpreter on CPU tensors in the tests.
+# Set before any kernel module is imported: Triton reads it when a kernel is defined.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
 import torch
 
 # Float32 comparisons between backends: different summation orders only.

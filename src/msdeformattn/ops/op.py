@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from . import cpu, reference  # noqa: F401  (registers the backends)
+from . import cpu, reference, triton  # noqa: F401  (registers the backends)
 from .registry import get_backend, resolve
 from .validate import check_inputs
 

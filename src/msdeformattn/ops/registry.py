@@ -83,6 +83,15 @@ class Backend:
             )
         return reasons
 
+    def dispatch_reasons(
+        self,
+        value: torch.Tensor,
+        sampling_locations: torch.Tensor,
+        attention_weights: torch.Tensor,
+    ) -> list[str]:
+        """Extra reasons not to pick this backend automatically (``backend=None``)."""
+        return []
+
     def supports(
         self,
         value: torch.Tensor,
@@ -177,7 +186,9 @@ def resolve(
         return Resolution(backend, "asked for explicitly")
     rejected: dict[str, list[str]] = {}
     for name, candidate in _REGISTRY.items():
-        reasons = candidate.not_supported_reasons(value, sampling_locations, attention_weights)
+        reasons = candidate.not_supported_reasons(
+            value, sampling_locations, attention_weights
+        ) or candidate.dispatch_reasons(value, sampling_locations, attention_weights)
         if not reasons:
             why = "highest-priority backend that supports the call"
             return Resolution(name, why, rejected)

@@ -1,0 +1,311 @@
+"""Triton kernels of the ``triton`` backend (imported on first use).
+
+One program handles BLOCK_Q queries of one (batch, head); the D channels of a
+head are the vector lane, so every corner read is BLOCK_Q contiguous rows of D
+values. Nothing of size N*Lq*M*L*P*D is written: the forward keeps its sum
+in registers, the backward recomputes the samples. float32 accumulation for
+every input dtype.
+
+Index arithmetic is done in int64, so N*S*M*D > 2^31 is safe. Every gather
+and scatter is masked to the level it belongs to and to ``value``, so no
+input, a wrong level table included, makes a kernel leave its tensors.
+Under ``TRITON_INTERPRET=1`` the same kernels run on CPU tensors (tests).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _sample(loc_ptr, attn_ptr, j_loc, j_attn, mask_q, H, W):
+    """Fractional pixel position, corner weights and attention weight of BLOCK_Q samples.
+
+    A sample outside the map, NaN or infinite, is moved to -2 so that all its
+    corners fall outside and carry zero weight (and zero gradient).
+    """
+    lx = tl.load(loc_ptr + j_loc, mask=mask_q, other=0.0).to(tl.float32)
+    ly = tl.load(loc_ptr + j_loc + 1, mask=mask_q, other=0.0).to(tl.float32)
+    a = tl.load(attn_ptr + j_attn, mask=mask_q, other=0.0).to(tl.float32)
+    Wf = W.to(tl.float32)
+    Hf = H.to(tl.float32)
+    x = lx * Wf - 0.5
+    y = ly * Hf - 0.5
+    # False for NaN and +-inf as well.
+    inside = (x >= -1.0) & (x <= Wf) & (y >= -1.0) & (y <= Hf) & mask_q
+    x = tl.where(inside, x, -2.0)
+    y = tl.where(inside, y, -2.0)
+    a = tl.where(inside, a, 0.0)
+    x0 = tl.floor(x)
+    y0 = tl.floor(y)
+    return x - x0, y - y0, x0.to(tl.int64), y0.to(tl.int64), a
+
+
+@triton.jit
+def _corner(ix, iy, H, W, start, S, row_base):
+    """Row of value (batch and head folded in) of corner (ix, iy) and whether it is inside."""
+    valid = (ix >= 0) & (ix < W) & (iy >= 0) & (iy < H)
+    pix = start + iy * W + ix
+    # A level table that does not fit S never reads outside value.
+    valid = valid & (pix >= 0) & (pix < S)
+    return row_base + tl.where(valid, pix, 0), valid
+
+
+@triton.jit
+def forward_kernel(
+    value_ptr,
+    shapes_ptr,
+    starts_ptr,
+    loc_ptr,
+    attn_ptr,
+    out_ptr,
+    Lq,
+    S,
+    M: tl.constexpr,
+    D: tl.constexpr,
+    L: tl.constexpr,
+    P: tl.constexpr,
+    BLOCK_Q: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    pid_q = tl.program_id(0)
+    m = tl.program_id(1)
+    n = tl.program_id(2).to(tl.int64)
+    q = pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q).to(tl.int64)
+    d = tl.arange(0, BLOCK_D)
+    mask_q = q < Lq
+    mask_d = d < D
+    # loc (N, Lq, M, L, P, 2) and attn (N, Lq, M, L, P), contiguous.
+    j = ((n * Lq + q) * M + m) * (L * P)
+    acc = tl.zeros((BLOCK_Q, BLOCK_D), dtype=tl.float32)
+    for l in tl.static_range(L):
+        H = tl.load(shapes_ptr + 2 * l)
+        W = tl.load(shapes_ptr + 2 * l + 1)
+        start = tl.load(starts_ptr + l)
+        for p in tl.static_range(P):
+            s = l * P + p
+            fx, fy, ix, iy, a = _sample(loc_ptr, attn_ptr, 2 * (j + s), j + s, mask_q, H, W)
+            for c in tl.static_range(4):
+                cx = c % 2
+                cy = c // 2
+                row, valid = _corner(ix + cx, iy + cy, H, W, start, S, n * S)
+                w = a * (fx if cx == 1 else 1.0 - fx) * (fy if cy == 1 else 1.0 - fy)
+                ptr = value_ptr + ((row * M + m) * D)[:, None] + d[None, :]
+                v = tl.load(ptr, mask=valid[:, None] & mask_d[None, :], other=0.0)
+                acc += w[:, None] * v.to(tl.float32)
+    out = out_ptr + ((n * Lq + q) * (M * D) + m * D)[:, None] + d[None, :]
+    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask_q[:, None] & mask_d[None, :])
+
+
+@triton.jit
+def backward_kernel(
+    value_ptr,
+    shapes_ptr,
+    starts_ptr,
+    loc_ptr,
+    attn_ptr,
+    gout_ptr,
+    gvalue_ptr,
+    gloc_ptr,
+    gattn_ptr,
+    Lq,
+    S,
+    M: tl.constexpr,
+    D: tl.constexpr,
+    L: tl.constexpr,
+    P: tl.constexpr,
+    BLOCK_Q: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    ATOMIC_GRAD_VALUE: tl.constexpr,
+):
+    """grad_loc and grad_attn (every sample written once) and, with atomics, grad_value."""
+    pid_q = tl.program_id(0)
+    m = tl.program_id(1)
+    n = tl.program_id(2).to(tl.int64)
+    q = pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q).to(tl.int64)
+    d = tl.arange(0, BLOCK_D)
+    mask_q = q < Lq
+    mask_d = d < D
+    mask_qd = mask_q[:, None] & mask_d[None, :]
+    j = ((n * Lq + q) * M + m) * (L * P)
+    go_ptr = gout_ptr + ((n * Lq + q) * (M * D) + m * D)[:, None] + d[None, :]
+    go = tl.load(go_ptr, mask=mask_qd, other=0.0).to(tl.float32)
+    for l in tl.static_range(L):
+        H = tl.load(shapes_ptr + 2 * l)
+        W = tl.load(shapes_ptr + 2 * l + 1)
+        start = tl.load(starts_ptr + l)
+        for p in tl.static_range(P):
+            s = l * P + p
+            fx, fy, ix, iy, a = _sample(loc_ptr, attn_ptr, 2 * (j + s), j + s, mask_q, H, W)
+            g_attn = tl.zeros((BLOCK_Q,), dtype=tl.float32)
+            g_x = tl.zeros((BLOCK_Q,), dtype=tl.float32)
+            g_y = tl.zeros((BLOCK_Q,), dtype=tl.float32)
+            for c in tl.static_range(4):
+                cx = c % 2
+                cy = c // 2
+                row, valid = _corner(ix + cx, iy + cy, H, W, start, S, n * S)
+                wx = fx if cx == 1 else 1.0 - fx
+                wy = fy if cy == 1 else 1.0 - fy
+                offs = ((row * M + m) * D)[:, None] + d[None, :]
+                mask = valid[:, None] & mask_d[None, :]
+                v = tl.load(value_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+                dot = tl.sum(go * v, axis=1)
+                dot = tl.where(valid, dot, 0.0)
+                g_attn += wx * wy * dot
+                # d wx/dx is +1 for the right corner, -1 for the left; likewise y.
+                g_x += (1.0 if cx == 1 else -1.0) * wy * dot
+                g_y += (1.0 if cy == 1 else -1.0) * wx * dot
+                if ATOMIC_GRAD_VALUE:
+                    contrib = (a * wx * wy)[:, None] * go
+                    tl.atomic_add(gvalue_ptr + offs, contrib, mask=mask, sem="relaxed")
+            tl.store(gattn_ptr + j + s, g_attn, mask=mask_q)
+            # x = loc_x * W - 0.5: d/d loc_x = W d/dx.
+            tl.store(gloc_ptr + 2 * (j + s), a * W.to(tl.float32) * g_x, mask=mask_q)
+            tl.store(gloc_ptr + 2 * (j + s) + 1, a * H.to(tl.float32) * g_y, mask=mask_q)
+
+
+@triton.jit
+def grad_value_gather_kernel(
+    gout_ptr,
+    entry_ptr,
+    weight_ptr,
+    seg_start_ptr,
+    seg_row_ptr,
+    gvalue_ptr,
+    M: tl.constexpr,
+    D: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """Deterministic grad_value: one program per touched value row, its samples in a fixed order.
+
+    entry (sorted by row, stable) holds for each (sample, corner) the query
+    row n*Lq + q of grad_output; weight the attention times bilinear weight.
+    """
+    seg = tl.program_id(0)
+    d = tl.arange(0, BLOCK_D)
+    mask_d = d < D
+    lo = tl.load(seg_start_ptr + seg)
+    hi = tl.load(seg_start_ptr + seg + 1)
+    row = tl.load(seg_row_ptr + seg)  # (n*S + pix)*M + m
+    m = row % M
+    acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    for e in range(lo, hi):
+        nq = tl.load(entry_ptr + e)
+        w = tl.load(weight_ptr + e)
+        go = tl.load(gout_ptr + nq * (M * D) + m * D + d, mask=mask_d, other=0.0)
+        acc += w * go.to(tl.float32)
+    tl.store(gvalue_ptr + row * D + d, acc, mask=mask_d)
+
+
+def launch_config(Lq: int, D: int) -> tuple[int, int]:
+    """(BLOCK_Q, BLOCK_D): D padded to a power of two, about 4K values per program."""
+    block_d = triton.next_power_of_2(max(D, 1))
+    block_q = max(1, min(64, 4096 // block_d, triton.next_power_of_2(max(Lq, 1))))
+    return block_q, block_d
+
+
+def forward(value, shapes, starts, loc, attn) -> torch.Tensor:
+    N, S, M, D = value.shape
+    Lq, L, P = loc.shape[1], loc.shape[3], loc.shape[4]
+    out = torch.empty((N, Lq, M * D), dtype=value.dtype, device=value.device)
+    if out.numel() == 0:
+        return out
+    block_q, block_d = launch_config(Lq, D)
+    grid = (triton.cdiv(Lq, block_q), M, N)
+    forward_kernel[grid](value, shapes, starts, loc, attn, out, Lq, S, M, D, L, P, block_q, block_d)
+    return out
+
+
+def backward(grad_output, value, shapes, starts, loc, attn, deterministic: bool):
+    """Returns float32 (grad_value, grad_loc, grad_attn); the caller casts them."""
+    N, S, M, D = value.shape
+    Lq, L, P = loc.shape[1], loc.shape[3], loc.shape[4]
+    dev = value.device
+    gvalue = torch.zeros((N, S, M, D), dtype=torch.float32, device=dev)
+    gloc = torch.zeros(loc.shape, dtype=torch.float32, device=dev)
+    gattn = torch.zeros(attn.shape, dtype=torch.float32, device=dev)
+    if grad_output.numel() == 0:
+        return gvalue, gloc, gattn
+    block_q, block_d = launch_config(Lq, D)
+    grid = (triton.cdiv(Lq, block_q), M, N)
+    backward_kernel[grid](
+        value,
+        shapes,
+        starts,
+        loc,
+        attn,
+        grad_output,
+        gvalue,
+        gloc,
+        gattn,
+        Lq,
+        S,
+        M,
+        D,
+        L,
+        P,
+        block_q,
+        block_d,
+        not deterministic,
+    )
+    if deterministic:
+        _grad_value_deterministic(grad_output, value, shapes, starts, loc, attn, gvalue)
+    return gvalue, gloc, gattn
+
+
+def _grad_value_deterministic(grad_output, value, shapes, starts, loc, attn, gvalue) -> None:
+    """grad_value without atomics: sort every (sample, corner) by the value row it adds to.
+
+    Costs O(N*Lq*M*L*P) memory for the sort (about 24 bytes per sample and
+    corner: key, order and weight), never anything times D.
+    """
+    N, S, M, D = value.shape
+    Lq, L, P = loc.shape[1], loc.shape[3], loc.shape[4]
+    H = shapes[:, 0].view(1, 1, 1, L, 1)
+    W = shapes[:, 1].view(1, 1, 1, L, 1)
+    lx = loc[..., 0].float()
+    ly = loc[..., 1].float()
+    x = lx * W - 0.5
+    y = ly * H - 0.5
+    inside = (x >= -1) & (x <= W) & (y >= -1) & (y <= H)
+    x = torch.where(inside, x, -2.0)
+    y = torch.where(inside, y, -2.0)
+    x0 = x.floor()
+    y0 = y.floor()
+    fx, fy = x - x0, y - y0
+    ix, iy = x0.long(), y0.long()
+    a = torch.where(inside, attn.float(), 0.0)
+    n = torch.arange(N, device=value.device).view(N, 1, 1, 1, 1)
+    m = torch.arange(M, device=value.device).view(1, 1, M, 1, 1)
+    nq = (n * Lq + torch.arange(Lq, device=value.device).view(1, Lq, 1, 1, 1)).expand(
+        N, Lq, M, L, P
+    )
+    start = starts.view(1, 1, 1, L, 1)
+    keys, entries, weights = [], [], []
+    for cy in (0, 1):
+        for cx in (0, 1):
+            xx, yy = ix + cx, iy + cy
+            pix = start + yy * W + xx
+            valid = (xx >= 0) & (xx < W) & (yy >= 0) & (yy < H) & (pix >= 0) & (pix < S)
+            w = a * (fx if cx else 1 - fx) * (fy if cy else 1 - fy)
+            key = torch.where(valid, (n * S + pix) * M + m, -1)
+            keys.append(key.reshape(-1))
+            entries.append(nq.reshape(-1))
+            weights.append(w.reshape(-1))
+    key = torch.cat(keys)
+    keep = key >= 0
+    key, entry, weight = key[keep], torch.cat(entries)[keep], torch.cat(weights)[keep]
+    key, order = torch.sort(key, stable=True)
+    entry = entry[order].contiguous()
+    weight = weight[order].contiguous()
+    rows, counts = torch.unique_consecutive(key, return_counts=True)
+    if rows.numel() == 0:
+        return
+    seg_start = torch.zeros(rows.numel() + 1, dtype=torch.int64, device=value.device)
+    seg_start[1:] = counts.cumsum(0)
+    _, block_d = launch_config(Lq, D)
+    grad_value_gather_kernel[(rows.numel(),)](
+        grad_output, entry, weight, seg_start, rows, gvalue, M, D, block_d
+    )

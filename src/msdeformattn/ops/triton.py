@@ -1,0 +1,99 @@
+"""The ``triton`` backend: fused Triton kernels for CUDA tensors.
+
+float32, float16 and bfloat16 inputs (and mixes, as autocast produces),
+float32 accumulation, outputs and gradients in the inputs' dtypes. The fast
+backward adds grad_value with atomics; when
+``torch.are_deterministic_algorithms_enabled()`` it instead sorts the samples
+by the value row they touch and sums each row in that fixed order (bitwise
+reproducible, at the cost of a sort and O(N*Lq*M*L*P) index memory).
+
+Testing without a GPU: with ``TRITON_INTERPRET=1`` set before the kernels
+are first used, Triton's interpreter runs the same kernels on CPU tensors.
+``backend="triton"`` then accepts CPU tensors; ``backend=None`` never picks
+the interpreter, which is for tests only.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from .registry import Backend, register
+
+__all__ = ["TritonBackend"]
+
+
+def interpreter_on() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _kernels():
+    from . import _triton_kernels
+
+    return _triton_kernels
+
+
+def _contiguous(*tensors: torch.Tensor) -> list[torch.Tensor]:
+    return [t.contiguous() for t in tensors]
+
+
+class TritonBackend(Backend):
+    NAME = "triton"
+    PRIORITY = 20
+    SUPPORTED_DEVICES = frozenset({"cuda", "cpu"})
+    SUPPORTED_DTYPES = frozenset({torch.float16, torch.bfloat16, torch.float32})
+    # The deterministic path is taken automatically under deterministic mode.
+    IS_DETERMINISTIC = True
+    REQUIRES = ("triton",)
+
+    def not_supported_reasons(self, value, sampling_locations, attention_weights):
+        reasons = super().not_supported_reasons(value, sampling_locations, attention_weights)
+        if value.device.type == "cpu" and not interpreter_on():
+            reasons.append(
+                "runs on CPU tensors only under Triton's interpreter (TRITON_INTERPRET=1)"
+            )
+        return reasons
+
+    def dispatch_reasons(self, value, sampling_locations, attention_weights):
+        if value.device.type == "cpu":
+            return ["the Triton interpreter is for tests: ask for backend='triton' explicitly"]
+        return []
+
+    def forward(
+        self, value, spatial_shapes, level_start_index, sampling_locations, attention_weights
+    ):
+        return _kernels().forward(
+            *_contiguous(
+                value, spatial_shapes, level_start_index, sampling_locations, attention_weights
+            )
+        )
+
+    def backward(
+        self,
+        grad_output,
+        value,
+        spatial_shapes,
+        level_start_index,
+        sampling_locations,
+        attention_weights,
+    ):
+        gv, gl, ga = _kernels().backward(
+            *_contiguous(
+                grad_output,
+                value,
+                spatial_shapes,
+                level_start_index,
+                sampling_locations,
+                attention_weights,
+            ),
+            deterministic=torch.are_deterministic_algorithms_enabled(),
+        )
+        return (
+            gv.to(value.dtype),
+            gl.to(sampling_locations.dtype),
+            ga.to(attention_weights.dtype),
+        )
+
+
+register(TritonBackend())

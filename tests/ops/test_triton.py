@@ -1,0 +1,77 @@
+"""Triton backend specifics, run under Triton's interpreter on CPU tensors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import msdeformattn
+
+from ..conftest import TOL, grads, make_inputs
+
+pytest.importorskip("triton")
+pytestmark = pytest.mark.skipif(
+    "triton" not in msdeformattn.available_backends(), reason="triton is not installed"
+)
+
+
+def run_triton(*inputs):
+    return msdeformattn.ms_deform_attn(*inputs, backend="triton")
+
+
+def run_ref(*inputs):
+    return msdeformattn.ms_deform_attn(*inputs, backend="reference")
+
+
+@pytest.fixture
+def deterministic():
+    torch.use_deterministic_algorithms(True)
+    yield
+    torch.use_deterministic_algorithms(False)
+
+
+@pytest.mark.parametrize("D", [1, 24, 48, 33])
+def test_head_sizes_that_are_not_powers_of_two(D):
+    inputs = make_inputs(N=2, Lq=7, M=2, D=D, P=2, dtype=torch.float32)
+    for g, e in zip(grads(run_triton, inputs), grads(run_ref, inputs), strict=True):
+        torch.testing.assert_close(g, e, **TOL[torch.float32])
+
+
+def test_deterministic_path_is_bitwise_reproducible_and_correct(deterministic):
+    # Many samples per pixel, so rows collect contributions from many queries.
+    inputs = make_inputs(
+        N=2, Lq=60, M=2, D=8, levels=((3, 4), (2, 2)), P=4, dtype=torch.float32, low=0, high=1
+    )
+    first = grads(run_triton, inputs)
+    second = grads(run_triton, inputs)
+    for a, b in zip(first, second, strict=True):
+        assert torch.equal(a, b)
+    for g, e in zip(first, grads(run_ref, inputs), strict=True):
+        torch.testing.assert_close(g, e, **TOL[torch.float32])
+
+
+def test_deterministic_path_with_points_outside_and_non_finite(deterministic):
+    value, shapes, starts, loc, attn = make_inputs(N=1, Lq=9, M=2, D=5, P=3, dtype=torch.float32)
+    loc[0, 0, 0, 0, 0, 0] = float("nan")
+    loc[0, 1, 1, 1, 1] = float("inf")
+    inputs = (value, shapes, starts, loc, attn)
+    for g, e in zip(grads(run_triton, inputs), grads(run_ref, inputs), strict=True):
+        torch.testing.assert_close(g, e, **TOL[torch.float32])
+
+
+def test_float64_is_refused_with_a_reason():
+    inputs = make_inputs(dtype=torch.float64)
+    with pytest.raises(msdeformattn.BackendNotSupportedError, match=r"dtype torch\.float64"):
+        run_triton(*inputs)
+
+
+def test_interpreter_is_never_picked_automatically():
+    res = msdeformattn.resolve(*make_inputs(dtype=torch.float32))
+    assert res.backend == "cpu"
+    assert "explicitly" in res.rejected["triton"][0]
+
+
+def test_cpu_tensors_need_the_interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(msdeformattn.BackendNotSupportedError, match="TRITON_INTERPRET=1"):
+        run_triton(*make_inputs(dtype=torch.float32))
