@@ -54,6 +54,22 @@ def _corner(ix, iy, H, W, start, S, row_base):
 
 
 @triton.jit
+def _tile(Lq, M, D, L, P, BLOCK_Q, BLOCK_D):
+    """This program's head m, batch n and queries; j indexes loc/attn, out_offs out/grad_out.
+
+    Grid (query blocks, M, N); loc (N, Lq, M, L, P, 2), attn (N, Lq, M, L, P)
+    and out (N, Lq, M*D) contiguous. Indices in int64.
+    """
+    m = tl.program_id(1)
+    n = tl.program_id(2).to(tl.int64)
+    q = tl.program_id(0) * BLOCK_Q + tl.arange(0, BLOCK_Q).to(tl.int64)
+    d = tl.arange(0, BLOCK_D)
+    j = ((n * Lq + q) * M + m) * (L * P)
+    out_offs = ((n * Lq + q) * (M * D) + m * D)[:, None] + d[None, :]
+    return m, n, d, q < Lq, d < D, j, out_offs
+
+
+@triton.jit
 def forward_kernel(
     value_ptr,
     shapes_ptr,
@@ -70,15 +86,7 @@ def forward_kernel(
     BLOCK_Q: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    pid_q = tl.program_id(0)
-    m = tl.program_id(1)
-    n = tl.program_id(2).to(tl.int64)
-    q = pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q).to(tl.int64)
-    d = tl.arange(0, BLOCK_D)
-    mask_q = q < Lq
-    mask_d = d < D
-    # loc (N, Lq, M, L, P, 2) and attn (N, Lq, M, L, P), contiguous.
-    j = ((n * Lq + q) * M + m) * (L * P)
+    m, n, d, mask_q, mask_d, j, out_offs = _tile(Lq, M, D, L, P, BLOCK_Q, BLOCK_D)
     acc = tl.zeros((BLOCK_Q, BLOCK_D), dtype=tl.float32)
     for l in tl.static_range(L):
         H = tl.load(shapes_ptr + 2 * l)
@@ -95,8 +103,8 @@ def forward_kernel(
                 ptr = value_ptr + ((row * M + m) * D)[:, None] + d[None, :]
                 v = tl.load(ptr, mask=valid[:, None] & mask_d[None, :], other=0.0)
                 acc += w[:, None] * v.to(tl.float32)
-    out = out_ptr + ((n * Lq + q) * (M * D) + m * D)[:, None] + d[None, :]
-    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask_q[:, None] & mask_d[None, :])
+    out = acc.to(out_ptr.dtype.element_ty)
+    tl.store(out_ptr + out_offs, out, mask=mask_q[:, None] & mask_d[None, :])
 
 
 @triton.jit
@@ -121,17 +129,9 @@ def backward_kernel(
     ATOMIC_GRAD_VALUE: tl.constexpr,
 ):
     """grad_loc and grad_attn (every sample written once) and, with atomics, grad_value."""
-    pid_q = tl.program_id(0)
-    m = tl.program_id(1)
-    n = tl.program_id(2).to(tl.int64)
-    q = pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q).to(tl.int64)
-    d = tl.arange(0, BLOCK_D)
-    mask_q = q < Lq
-    mask_d = d < D
+    m, n, d, mask_q, mask_d, j, out_offs = _tile(Lq, M, D, L, P, BLOCK_Q, BLOCK_D)
     mask_qd = mask_q[:, None] & mask_d[None, :]
-    j = ((n * Lq + q) * M + m) * (L * P)
-    go_ptr = gout_ptr + ((n * Lq + q) * (M * D) + m * D)[:, None] + d[None, :]
-    go = tl.load(go_ptr, mask=mask_qd, other=0.0).to(tl.float32)
+    go = tl.load(gout_ptr + out_offs, mask=mask_qd, other=0.0).to(tl.float32)
     for l in tl.static_range(L):
         H = tl.load(shapes_ptr + 2 * l)
         W = tl.load(shapes_ptr + 2 * l + 1)

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from .reference import compute_dtype
-from .registry import Backend, register
+from .registry import Backend, cast_grads, register
 from .validate import check_level_values
 
 __all__ = ["CpuBackend"]
@@ -192,11 +192,7 @@ class CpuBackend(Backend):
                     threads,
                     zero,
                 )
-        return (
-            gvalue.view(value.shape).to(value.dtype),
-            gloc.view(sampling_locations.shape).to(sampling_locations.dtype),
-            gattn.view(attention_weights.shape).to(attention_weights.dtype),
-        )
+        return cast_grads((gvalue, gloc, gattn), value, sampling_locations, attention_weights)
 
 
 register(CpuBackend())

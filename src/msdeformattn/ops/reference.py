@@ -150,30 +150,11 @@ class ReferenceBackend(Backend):
     # Follows grid_sample, which PyTorch itself refuses under deterministic mode where it isn't.
     IS_DETERMINISTIC = True
 
-    def forward(
-        self, value, spatial_shapes, level_start_index, sampling_locations, attention_weights
-    ):
-        return reference_forward(
-            value, spatial_shapes, level_start_index, sampling_locations, attention_weights
-        )
+    def forward(self, *inputs):
+        return reference_forward(*inputs)
 
-    def backward(
-        self,
-        grad_output,
-        value,
-        spatial_shapes,
-        level_start_index,
-        sampling_locations,
-        attention_weights,
-    ):
-        return reference_backward(
-            grad_output,
-            value,
-            spatial_shapes,
-            level_start_index,
-            sampling_locations,
-            attention_weights,
-        )
+    def backward(self, grad_output, *inputs):
+        return reference_backward(grad_output, *inputs)
 
 
 register(ReferenceBackend())

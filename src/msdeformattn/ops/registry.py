@@ -19,6 +19,7 @@ __all__ = [
     "BackendNotSupportedError",
     "Resolution",
     "available_backends",
+    "cast_grads",
     "get_backend",
     "register",
     "resolve",
@@ -120,6 +121,19 @@ class Backend:
         attention_weights: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         raise NotImplementedError
+
+
+def cast_grads(
+    grads: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    value: torch.Tensor,
+    sampling_locations: torch.Tensor,
+    attention_weights: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Each gradient in its input's dtype and shape (kernels work in float32/64)."""
+    return tuple(
+        g.view(t.shape).to(t.dtype)
+        for g, t in zip(grads, (value, sampling_locations, attention_weights), strict=True)
+    )
 
 
 # Kept sorted by PRIORITY, highest first: the first that supports a call runs it.

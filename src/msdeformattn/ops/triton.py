@@ -19,7 +19,7 @@ import os
 
 import torch
 
-from .registry import Backend, register
+from .registry import Backend, cast_grads, register
 
 __all__ = ["TritonBackend"]
 
@@ -60,40 +60,16 @@ class TritonBackend(Backend):
             return ["the Triton interpreter is for tests: ask for backend='triton' explicitly"]
         return []
 
-    def forward(
-        self, value, spatial_shapes, level_start_index, sampling_locations, attention_weights
-    ):
-        return _kernels().forward(
-            *_contiguous(
-                value, spatial_shapes, level_start_index, sampling_locations, attention_weights
-            )
-        )
+    def forward(self, *inputs):
+        return _kernels().forward(*_contiguous(*inputs))
 
-    def backward(
-        self,
-        grad_output,
-        value,
-        spatial_shapes,
-        level_start_index,
-        sampling_locations,
-        attention_weights,
-    ):
-        gv, gl, ga = _kernels().backward(
-            *_contiguous(
-                grad_output,
-                value,
-                spatial_shapes,
-                level_start_index,
-                sampling_locations,
-                attention_weights,
-            ),
+    def backward(self, grad_output, *inputs):
+        grads = _kernels().backward(
+            *_contiguous(grad_output, *inputs),
             deterministic=torch.are_deterministic_algorithms_enabled(),
         )
-        return (
-            gv.to(value.dtype),
-            gl.to(sampling_locations.dtype),
-            ga.to(attention_weights.dtype),
-        )
+        value, _, _, sampling_locations, attention_weights = inputs
+        return cast_grads(grads, value, sampling_locations, attention_weights)
 
 
 register(TritonBackend())
