@@ -4,11 +4,16 @@ from __future__ import annotations
 
 import os
 
-# The GPU kernels run under Triton's interpreter on CPU tensors in the tests.
-# Set before any kernel module is imported: Triton reads it when a kernel is defined.
-os.environ.setdefault("TRITON_INTERPRET", "1")
-
 import torch
+
+# Without a GPU the Triton kernels run under Triton's interpreter on CPU
+# tensors. Set before any kernel module is imported: Triton reads it when a
+# kernel is defined.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# Devices every backend test runs on; CI has only the CPU.
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 # Float32 comparisons between backends: different summation orders only.
 TOL = {

@@ -265,6 +265,8 @@ def run(cases, dtype: str, device: str, min_run_time: float, memory: bool) -> li
             mem = peak_memory(case_name, name, dtype, device) if memory else None
             rows.append(
                 dict(
+                    fwd_gbps=_moved_bytes(inputs, False) / t_f / 1e9,
+                    fwd_bwd_gbps=_moved_bytes(inputs, True) / t_fb / 1e9,
                     case=case_name,
                     contender=name,
                     fwd_s=t_f,
@@ -281,22 +283,57 @@ def run(cases, dtype: str, device: str, min_run_time: float, memory: bool) -> li
     return rows
 
 
-def format_table(rows: list[dict]) -> str:
-    head = (
-        "| case | contender | forward ms | x grid_sample | fwd+bwd ms | x grid_sample "
-        "| peak extra MiB | workspace MiB |"
+def _moved_bytes(inputs, backward: bool) -> int:
+    """Bytes a fused kernel must move at least: inputs and output (and the gradients)."""
+    value, _, _, loc, attn = inputs
+    once = sum(t.numel() * t.element_size() for t in (value, loc, attn))
+    out = _result_bytes(inputs) - once
+    return 2 * once + 2 * out if backward else once + out
+
+
+def copy_bandwidth(device: str) -> float:
+    """Measured device copy bandwidth in bytes/s (read + write of a 1 GiB tensor)."""
+    src = torch.empty(2**28, dtype=torch.float32, device=device)
+    dst = torch.empty_like(src)
+    t = benchmark.Timer("d.copy_(s)", globals={"d": dst, "s": src}).blocked_autorange(
+        min_run_time=0.5
     )
-    lines = [head, "|" + "---|" * 8]
+    return 2 * src.numel() * src.element_size() / t.median
+
+
+def format_table(rows: list[dict], bandwidth: bool = False) -> str:
+    """Markdown table; with ``bandwidth``, the achieved GB/s of the minimal traffic."""
+    cols = [
+        "case",
+        "contender",
+        "forward ms",
+        "x grid_sample",
+        "fwd+bwd ms",
+        "x grid_sample",
+        "peak extra MiB",
+        "workspace MiB",
+    ]
+    if bandwidth:
+        cols += ["fwd GB/s", "fwd+bwd GB/s"]
 
     def mib(b):
         return "-" if b is None else f"{b / 2**20:.0f}"
 
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
-        lines.append(
-            f"| {r['case']} | {r['contender']} | {r['fwd_s'] * 1e3:.2f} | {r['speedup_fwd']:.1f}x "
-            f"| {r['fwd_bwd_s'] * 1e3:.2f} | {r['speedup_fwd_bwd']:.1f}x "
-            f"| {mib(r['peak_bytes'])} | {mib(r['workspace_bytes'])} |"
-        )
+        cells = [
+            r["case"],
+            r["contender"],
+            f"{r['fwd_s'] * 1e3:.2f}",
+            f"{r['speedup_fwd']:.1f}x",
+            f"{r['fwd_bwd_s'] * 1e3:.2f}",
+            f"{r['speedup_fwd_bwd']:.1f}x",
+            mib(r["peak_bytes"]),
+            mib(r["workspace_bytes"]),
+        ]
+        if bandwidth:
+            cells += [f"{r['fwd_gbps']:.0f}", f"{r['fwd_bwd_gbps']:.0f}"]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -321,9 +358,14 @@ def main(argv: list[str] | None = None) -> None:
         f"device={args.device} dtype={args.dtype} torch={torch.__version__} "
         f"threads={torch.get_num_threads()}"
     )
+    if args.device == "cuda":
+        header += (
+            f" gpu={torch.cuda.get_device_name()} "
+            f"copy_bandwidth={copy_bandwidth(args.device) / 1e9:.0f}GB/s"
+        )
     print(header, flush=True)
     rows = run(args.cases, args.dtype, args.device, args.min_run_time, not args.no_memory)
-    print(format_table(rows))
+    print(format_table(rows, bandwidth=args.device == "cuda"))
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"header": header, "rows": rows}, f, indent=1)

@@ -12,23 +12,39 @@ from hypothesis import strategies as st
 import msdeformattn
 from msdeformattn.ops import get_backend
 
-from ..conftest import TOL, grads, make_inputs
+from ..conftest import DEVICES, TOL, grads, make_inputs
 
 
-def supports(backend: str, dtype: torch.dtype) -> bool:
-    x = torch.zeros(1, dtype=dtype)
+def split(target: str) -> tuple[str, str]:
+    """A test target "backend" (CPU tensors) or "backend@device"."""
+    backend, _, device = target.partition("@")
+    return backend, device or "cpu"
+
+
+def supports(target: str, dtype: torch.dtype) -> bool:
+    backend, device = split(target)
+    x = torch.zeros(1, dtype=dtype, device=device)
     return get_backend(backend).supports(x, x, x)
 
 
-# Every backend that can run on this machine's CPU tensors (triton: under its interpreter).
-BACKENDS = [b for b in msdeformattn.available_backends() if supports(b, torch.float32)]
-FUSED = [b for b in BACKENDS if b != "reference"]
+# Every backend on every device it can run on here (triton on CPU: its interpreter).
+BACKENDS = [
+    b if device == "cpu" else f"{b}@{device}"
+    for device in DEVICES
+    for b in msdeformattn.available_backends()
+    if supports(f"{b}@{device}", torch.float32)
+]
+FUSED = [b for b in BACKENDS if split(b)[0] != "reference"]
 FLOAT64 = [b for b in BACKENDS if supports(b, torch.float64)]
 
 
-def run(backend):
+def run(target):
+    """The operator on a target's device and backend, taking and returning CPU tensors."""
+    backend, device = split(target)
+
     def fn(*inputs):
-        return msdeformattn.ms_deform_attn(*inputs, backend=backend)
+        inputs = [t.to(device) for t in inputs]
+        return msdeformattn.ms_deform_attn(*inputs, backend=backend).cpu()
 
     return fn
 
@@ -62,8 +78,9 @@ def test_gradcheck_float64(backend, shape):
     # Random points never sit exactly on a pixel position, where bilinear
     # sampling has kinks and finite differences are meaningless.
     value, shapes, starts, loc, attn = make_inputs(**shape, requires_grad=True)
+    op = run(backend)
     assert torch.autograd.gradcheck(
-        lambda v, l, a: msdeformattn.ms_deform_attn(v, shapes, starts, l, a, backend=backend),
+        lambda v, l, a: op(v, shapes, starts, l, a),
         (value, loc, attn),
         atol=1e-7,
         rtol=1e-5,
@@ -91,7 +108,7 @@ def cases(draw):
 
 
 # Triton's interpreter runs kernels in numpy, ~100x slower than compiled: fewer examples.
-INTERPRETED = [b for b in FUSED if b == "triton"]
+INTERPRETED = [b for b in FUSED if b == "triton"]  # "triton@cuda" is compiled
 COMPILED = [b for b in FUSED if b not in INTERPRETED]
 
 
@@ -182,11 +199,20 @@ def test_empty_batch_or_queries(backend, empty):
     assert gv.abs().sum() == 0 and gl.numel() == 0 and ga.numel() == 0
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+# grid_sample's CUDA backward uses atomics and PyTorch refuses it in deterministic mode.
+DETERMINISTIC = [b for b in BACKENDS if b != "reference@cuda"]
+
+
+@pytest.mark.parametrize("backend", DETERMINISTIC)
 def test_backward_is_bitwise_deterministic(backend):
+    """Run twice under torch.use_deterministic_algorithms: the same bits."""
     inputs = make_inputs(N=2, Lq=40, M=2, D=16, P=4, dtype=torch.float32, low=0, high=1)
-    first = grads(run(backend), inputs)
-    second = grads(run(backend), inputs)
+    torch.use_deterministic_algorithms(True)
+    try:
+        first = grads(run(backend), inputs)
+        second = grads(run(backend), inputs)
+    finally:
+        torch.use_deterministic_algorithms(False)
     for a, b in zip(first, second, strict=True):
         assert torch.equal(a, b)
 

@@ -9,38 +9,53 @@ import msdeformattn
 from msdeformattn.ops import BackendNotSupportedError, registry
 
 from ..conftest import TOL, grads, make_inputs
-from .test_backends import BACKENDS, supports
+from .test_backends import BACKENDS, split, supports
+
+
+def on(target, tensors):
+    return [t.to(split(target)[1]) for t in tensors]
 
 
 @pytest.mark.parametrize(
-    ("backend", "dtype"),
+    ("target", "dtype"),
     [(b, d) for b in BACKENDS for d in (torch.float32, torch.float64) if supports(b, d)],
 )
-def test_opcheck(backend, dtype):
-    value, shapes, starts, loc, attn = make_inputs(dtype=dtype, requires_grad=True)
+def test_opcheck(target, dtype):
+    value, shapes, starts, loc, attn = on(target, make_inputs(dtype=dtype))
+    for t in (value, loc, attn):
+        t.requires_grad_()
     torch.library.opcheck(
         torch.ops.msdeformattn.ms_deform_attn.default,
-        (value, shapes, starts, loc, attn, backend),
+        (value, shapes, starts, loc, attn, split(target)[0]),
     )
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_opcheck_backward_op(backend):
+@pytest.mark.parametrize("target", BACKENDS)
+def test_opcheck_backward_op(target):
     value, shapes, starts, loc, attn = make_inputs(dtype=torch.float32)
     grad = torch.randn(value.shape[0], loc.shape[1], value.shape[2] * value.shape[3])
     torch.library.opcheck(
         torch.ops.msdeformattn.ms_deform_attn_backward.default,
-        (grad, value, shapes, starts, loc, attn, backend),
+        (*on(target, (grad, value, shapes, starts, loc, attn)), split(target)[0]),
     )
 
 
-@pytest.mark.parametrize("backend", [*BACKENDS, None])
-def test_compile_fullgraph_matches_eager(backend):
+@pytest.mark.parametrize("target", [*BACKENDS, None])
+def test_compile_fullgraph_matches_eager(target):
+    backend, device = split(target) if target else (None, "cpu")
+
     def fn(value, shapes, starts, loc, attn):
         # Something around the op, so the graph has more than one node.
-        return msdeformattn.ms_deform_attn(
-            value * 2, shapes, starts, loc, attn.softmax(-1), backend=backend
-        ).relu()
+        value, shapes, starts, loc, attn = (
+            t.to(device) for t in (value, shapes, starts, loc, attn)
+        )
+        return (
+            msdeformattn.ms_deform_attn(
+                value * 2, shapes, starts, loc, attn.softmax(-1), backend=backend
+            )
+            .relu()
+            .cpu()
+        )
 
     torch._dynamo.reset()
     compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")

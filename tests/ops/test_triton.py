@@ -15,8 +15,16 @@ pytestmark = pytest.mark.skipif(
 )
 
 
+# Compiled kernels on a GPU; otherwise the interpreter on CPU tensors.
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+interpreter_only = pytest.mark.skipif(
+    DEVICE == "cuda", reason="the interpreter path is off when a GPU is present"
+)
+
+
 def run_triton(*inputs):
-    return msdeformattn.ms_deform_attn(*inputs, backend="triton")
+    inputs = [t.to(DEVICE) for t in inputs]
+    return msdeformattn.ms_deform_attn(*inputs, backend="triton").cpu()
 
 
 def run_ref(*inputs):
@@ -65,12 +73,14 @@ def test_float64_is_refused_with_a_reason():
         run_triton(*inputs)
 
 
+@interpreter_only
 def test_interpreter_is_never_picked_automatically():
     res = msdeformattn.resolve(*make_inputs(dtype=torch.float32))
     assert res.backend == "cpu"
     assert "explicitly" in res.rejected["triton"][0]
 
 
+@interpreter_only
 def test_cpu_tensors_need_the_interpreter(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(msdeformattn.BackendNotSupportedError, match="TRITON_INTERPRET=1"):
