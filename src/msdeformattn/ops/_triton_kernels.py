@@ -251,15 +251,20 @@ def backward(grad_output, value, shapes, starts, loc, attn, deterministic: bool)
         not deterministic,
     )
     if deterministic:
-        _grad_value_deterministic(grad_output, value, shapes, starts, loc, attn, gvalue)
+        # Images touch disjoint rows of grad_value: one at a time bounds the sort's memory.
+        for n in range(N):
+            b = slice(n, n + 1)
+            _grad_value_deterministic(
+                grad_output[b], value[b], shapes, starts, loc[b], attn[b], gvalue[b]
+            )
     return gvalue, gloc, gattn
 
 
 def _grad_value_deterministic(grad_output, value, shapes, starts, loc, attn, gvalue) -> None:
     """grad_value without atomics: sort every (sample, corner) by the value row it adds to.
 
-    Costs O(N*Lq*M*L*P) memory for the sort (about 24 bytes per sample and
-    corner: key, order and weight), never anything times D.
+    Costs O(Lq*M*L*P) memory per image for the sort (a few tens of bytes per
+    sample and corner: key, order, entry and weight), never anything times D.
     """
     N, S, M, D = value.shape
     Lq, L, P = loc.shape[1], loc.shape[3], loc.shape[4]
