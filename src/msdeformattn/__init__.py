@@ -7,6 +7,7 @@
 ['cpu', 'reference']
 """
 
+from .nn import MSDeformAttn
 from .ops import (
     BackendNotSupportedError,
     Resolution,
@@ -19,6 +20,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BackendNotSupportedError",
+    "MSDeformAttn",
     "Resolution",
     "__version__",
     "available_backends",
