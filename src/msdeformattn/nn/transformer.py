@@ -365,12 +365,12 @@ class DeformableTransformer(nn.Module):
         return output_memory, output_proposals
 
     @staticmethod
-    def get_valid_ratio(mask: torch.Tensor) -> torch.Tensor:
+    def get_valid_ratio(mask: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """(N, H, W) padding mask -> (N, 2) unpadded fraction as (width, height)."""
         _, H, W = mask.shape
         valid_H = (~mask[:, :, 0]).sum(1)
         valid_W = (~mask[:, 0, :]).sum(1)
-        return torch.stack([valid_W.float() / W, valid_H.float() / H], -1)
+        return torch.stack([valid_W.to(dtype) / W, valid_H.to(dtype) / H], -1)
 
     def forward(self, srcs, masks, pos_embeds, query_embed=None):
         """srcs, pos_embeds: L maps (N, C, H, W); masks: L (N, H, W) True on padding.
@@ -398,7 +398,8 @@ class DeformableTransformer(nn.Module):
         spatial_shapes = torch.as_tensor(shapes, dtype=torch.long, device=device)
         areas = spatial_shapes.prod(1)
         level_start_index = torch.cat((areas.new_zeros((1,)), areas.cumsum(0)[:-1]))
-        valid_ratios = torch.stack([self.get_valid_ratio(m) for m in masks], 1)
+        # In the features' dtype: float32 ratios would cap a float64 model's precision.
+        valid_ratios = torch.stack([self.get_valid_ratio(m, src_flatten.dtype) for m in masks], 1)
         memory = self.encoder(
             src_flatten, spatial_shapes, level_start_index, valid_ratios, pos_flatten, mask_flatten
         )

@@ -1,0 +1,284 @@
+"""Deformable DETR: backbone -> input projections -> deformable transformer -> heads.
+
+Module names follow the reference implementation (``backbone.0.body``,
+``input_proj.N.0``, ``transformer``, ``class_embed.N``, ``bbox_embed.N.layers.M``,
+``query_embed``), so its checkpoints load with ``load_state_dict``.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass, replace
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..nn.transformer import DeformableTransformer, inverse_sigmoid
+from .backbone import Backbone, Joiner, PositionEmbeddingSine, ResNet, resnet
+
+__all__ = [
+    "MLP",
+    "DeformableDETR",
+    "DeformableDETRConfig",
+    "box_cxcywh_to_xyxy",
+    "build_model",
+    "post_process",
+]
+
+
+@dataclass(frozen=True)
+class DeformableDETRConfig:
+    """Model hyper-parameters; the defaults are the paper's (ResNet-50, 300 queries)."""
+
+    num_classes: int = 91
+    backbone: str = "resnet50"
+    #: "frozen" BatchNorm for pretrained backbones, "batch" to train from scratch.
+    backbone_norm: str = "frozen"
+    #: A custom trunk (block type, widths and blocks per stage, stem width); overrides ``backbone``.
+    backbone_block: str = "basic"
+    backbone_widths: tuple[int, ...] | None = None
+    backbone_depths: tuple[int, ...] | None = None
+    backbone_stem: int | None = None
+    d_model: int = 256
+    nheads: int = 8
+    enc_layers: int = 6
+    dec_layers: int = 6
+    dim_feedforward: int = 1024
+    dropout: float = 0.1
+    num_feature_levels: int = 4
+    enc_n_points: int = 4
+    dec_n_points: int = 4
+    num_queries: int = 300
+    aux_loss: bool = True
+    with_box_refine: bool = False
+    two_stage: bool = False
+    backend: str | None = None
+
+    @classmethod
+    def tiny(cls, num_classes: int = 4, **overrides) -> DeformableDETRConfig:
+        """A model that trains on a laptop CPU: d_model 128, 2+2 layers, 30 queries,
+        a basic-block trunk of widths 32-256 with one block per stage, trainable BatchNorm."""
+        base = cls(
+            num_classes=num_classes,
+            backbone_norm="batch",
+            backbone_widths=(32, 64, 128, 256),
+            backbone_depths=(1, 1, 1, 1),
+            d_model=128,
+            nheads=8,
+            enc_layers=2,
+            dec_layers=2,
+            dim_feedforward=512,
+            dropout=0.0,
+            num_queries=30,
+        )
+        return replace(base, **overrides)
+
+
+class MLP(nn.Module):
+    """Linear layers with ReLU between them (``layers.N`` as in the reference)."""
+
+    def __init__(self, input_dim: int, hidden_dim: int, output_dim: int, num_layers: int):
+        super().__init__()
+        dims = [input_dim] + [hidden_dim] * (num_layers - 1)
+        outs = [hidden_dim] * (num_layers - 1) + [output_dim]
+        self.layers = nn.ModuleList(nn.Linear(i, o) for i, o in zip(dims, outs, strict=True))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for i, layer in enumerate(self.layers):
+            x = layer(x) if i == len(self.layers) - 1 else F.relu(layer(x))
+        return x
+
+
+class DeformableDETR(nn.Module):
+    """The detector. ``model(images, mask=None)`` returns a dict with
+
+    - ``pred_logits`` (N, Q, num_classes): class logits (sigmoid, no background class);
+    - ``pred_boxes`` (N, Q, 4): normalised (cx, cy, w, h);
+    - ``aux_outputs``: the same for every earlier decoder layer;
+    - ``enc_outputs`` (two-stage): the encoder's proposals.
+
+    images (N, 3, H, W); mask (N, H, W), True on padding.
+    """
+
+    def __init__(
+        self,
+        backbone: Joiner,
+        transformer: DeformableTransformer,
+        num_classes: int,
+        num_queries: int,
+        num_feature_levels: int,
+        aux_loss: bool = True,
+        with_box_refine: bool = False,
+        two_stage: bool = False,
+    ) -> None:
+        super().__init__()
+        hidden = transformer.d_model
+        self.num_queries = num_queries
+        self.num_feature_levels = num_feature_levels
+        self.aux_loss = aux_loss
+        self.with_box_refine = with_box_refine
+        self.two_stage = two_stage
+        self.transformer = transformer
+        self.backbone = backbone
+        class_embed = nn.Linear(hidden, num_classes)
+        bbox_embed = MLP(hidden, hidden, 4, 3)
+        if not two_stage:
+            self.query_embed = nn.Embedding(num_queries, hidden * 2)
+        proj = []
+        for c in backbone.num_channels:
+            proj.append(nn.Sequential(nn.Conv2d(c, hidden, 1), nn.GroupNorm(32, hidden)))
+        in_ch = backbone.num_channels[-1]
+        for _ in range(num_feature_levels - len(backbone.num_channels)):
+            proj.append(nn.Sequential(nn.Conv2d(in_ch, hidden, 3, 2, 1), nn.GroupNorm(32, hidden)))
+            in_ch = hidden
+        self.input_proj = nn.ModuleList(proj[:num_feature_levels])
+
+        # The reference initialisation: a 0.01 prior per class, boxes start at their reference.
+        nn.init.constant_(class_embed.bias, -math.log((1 - 0.01) / 0.01))
+        nn.init.zeros_(bbox_embed.layers[-1].weight)
+        nn.init.zeros_(bbox_embed.layers[-1].bias)
+        for p in self.input_proj:
+            nn.init.xavier_uniform_(p[0].weight, gain=1)
+            nn.init.zeros_(p[0].bias)
+
+        num_pred = transformer.decoder.num_layers + (1 if two_stage else 0)
+        if with_box_refine:
+            self.class_embed = nn.ModuleList(copy.deepcopy(class_embed) for _ in range(num_pred))
+            self.bbox_embed = nn.ModuleList(copy.deepcopy(bbox_embed) for _ in range(num_pred))
+            nn.init.constant_(self.bbox_embed[0].layers[-1].bias.data[2:], -2.0)
+            transformer.decoder.bbox_embed = self.bbox_embed
+        else:
+            nn.init.constant_(bbox_embed.layers[-1].bias.data[2:], -2.0)
+            # One head shared by every decoder layer, listed once per layer as in the reference.
+            self.class_embed = nn.ModuleList([class_embed] * num_pred)
+            self.bbox_embed = nn.ModuleList([bbox_embed] * num_pred)
+        if two_stage:
+            transformer.decoder.class_embed = self.class_embed
+            for box_embed in self.bbox_embed:
+                nn.init.constant_(box_embed.layers[-1].bias.data[2:], 0.0)
+
+    @classmethod
+    def from_transformers(cls, hf_model_or_state, config: DeformableDETRConfig | None = None):
+        """(model, LoadReport) from a transformers ``DeformableDetrForObjectDetection``.
+
+        See :func:`msdeformattn.models.convert.from_transformers`.
+        """
+        from .convert import from_transformers
+
+        return from_transformers(hf_model_or_state, config)
+
+    def forward(self, images: torch.Tensor, mask: torch.Tensor | None = None) -> dict:
+        if images.dim() != 4 or images.shape[1] != 3:
+            raise ValueError(f"images must have shape (N, 3, H, W), got {tuple(images.shape)}")
+        if mask is None:
+            mask = torch.zeros(
+                images.shape[0], *images.shape[2:], dtype=torch.bool, device=images.device
+            )
+        elif mask.shape != (images.shape[0], *images.shape[2:]) or mask.dtype != torch.bool:
+            raise ValueError(
+                f"mask must be a bool tensor of shape {(images.shape[0], *images.shape[2:])} "
+                f"(True on padding), got {mask.dtype} {tuple(mask.shape)}"
+            )
+        features = self.backbone(images, mask)
+        srcs, masks, pos = [], [], []
+        for lvl, (feature, m, p) in enumerate(features):
+            srcs.append(self.input_proj[lvl](feature))
+            masks.append(m)
+            pos.append(p)
+        for lvl in range(len(features), self.num_feature_levels):
+            src = self.input_proj[lvl](features[-1][0] if lvl == len(features) else srcs[-1])
+            m = F.interpolate(mask[None].float(), size=src.shape[-2:])[0].to(torch.bool)
+            srcs.append(src)
+            masks.append(m)
+            pos.append(self.backbone[1](m, src.dtype))
+        query_embeds = None if self.two_stage else self.query_embed.weight
+        hs, init_ref, inter_refs, enc_class, enc_coord_unact = self.transformer(
+            srcs, masks, pos, query_embeds
+        )
+        classes, coords = [], []
+        for lvl in range(hs.shape[0]):
+            reference = inverse_sigmoid(init_ref if lvl == 0 else inter_refs[lvl - 1])
+            delta = self.bbox_embed[lvl](hs[lvl])
+            if reference.shape[-1] == 4:
+                delta = delta + reference
+            else:
+                delta = torch.cat([delta[..., :2] + reference, delta[..., 2:]], -1)
+            classes.append(self.class_embed[lvl](hs[lvl]))
+            coords.append(delta.sigmoid())
+        out = {"pred_logits": classes[-1], "pred_boxes": coords[-1]}
+        if self.aux_loss:
+            out["aux_outputs"] = [
+                {"pred_logits": c, "pred_boxes": b}
+                for c, b in zip(classes[:-1], coords[:-1], strict=True)
+            ]
+        if self.two_stage:
+            out["enc_outputs"] = {"pred_logits": enc_class, "pred_boxes": enc_coord_unact.sigmoid()}
+        return out
+
+
+def build_model(config: DeformableDETRConfig) -> DeformableDETR:
+    """The detector of a config, freshly initialised."""
+    if config.backbone_widths is not None:
+        body = ResNet(
+            config.backbone_block,
+            config.backbone_depths or (1,) * len(config.backbone_widths),
+            config.backbone_widths,
+            norm=config.backbone_norm,
+            stem_width=config.backbone_stem,
+        )
+    else:
+        body = resnet(config.backbone, norm=config.backbone_norm)
+    n_backbone = min(3, config.num_feature_levels)
+    channels = body.num_channels[-n_backbone:]
+    strides = body.strides[-n_backbone:]
+    body.num_outputs = n_backbone
+    backbone = Joiner(Backbone(body, channels, strides), PositionEmbeddingSine(config.d_model // 2))
+    transformer = DeformableTransformer(
+        d_model=config.d_model,
+        nhead=config.nheads,
+        num_encoder_layers=config.enc_layers,
+        num_decoder_layers=config.dec_layers,
+        dim_feedforward=config.dim_feedforward,
+        dropout=config.dropout,
+        return_intermediate_dec=True,
+        num_feature_levels=config.num_feature_levels,
+        dec_n_points=config.dec_n_points,
+        enc_n_points=config.enc_n_points,
+        two_stage=config.two_stage,
+        two_stage_num_proposals=config.num_queries,
+        backend=config.backend,
+    )
+    return DeformableDETR(
+        backbone,
+        transformer,
+        config.num_classes,
+        config.num_queries,
+        config.num_feature_levels,
+        config.aux_loss,
+        config.with_box_refine,
+        config.two_stage,
+    )
+
+
+def box_cxcywh_to_xyxy(boxes: torch.Tensor) -> torch.Tensor:
+    cx, cy, w, h = boxes.unbind(-1)
+    return torch.stack([cx - 0.5 * w, cy - 0.5 * h, cx + 0.5 * w, cy + 0.5 * h], -1)
+
+
+@torch.no_grad()
+def post_process(outputs: dict, target_sizes: torch.Tensor, top_k: int = 100) -> list[dict]:
+    """Top-k (score, label, box in pixels xyxy) per image; target_sizes (N, 2) as (H, W)."""
+    logits, boxes = outputs["pred_logits"], outputs["pred_boxes"]
+    N, Q, K = logits.shape
+    prob = logits.sigmoid().view(N, -1)
+    scores, idx = prob.topk(min(top_k, Q * K), dim=1)
+    labels = idx % K
+    boxes = box_cxcywh_to_xyxy(boxes).gather(1, (idx // K)[..., None].expand(-1, -1, 4))
+    h, w = target_sizes.unbind(1)
+    boxes = boxes * torch.stack([w, h, w, h], 1)[:, None, :].to(boxes.dtype)
+    return [
+        {"scores": s, "labels": lab, "boxes": b}
+        for s, lab, b in zip(scores, labels, boxes, strict=True)
+    ]

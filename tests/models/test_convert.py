@@ -1,0 +1,125 @@
+"""Published layouts load: transformers' Deformable DETR gives the same outputs through ours."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from msdeformattn.models import DeformableDETR, DeformableDETRConfig, build_model
+from msdeformattn.models.convert import load_reference_checkpoint
+
+transformers = pytest.importorskip("transformers")
+
+
+def hf_model(layer_type="basic", **kw):
+    from transformers import DeformableDetrConfig, DeformableDetrForObjectDetection, ResNetConfig
+
+    if layer_type == "basic":
+        bc = ResNetConfig(
+            embedding_size=16,
+            hidden_sizes=[16, 32, 64, 64],
+            depths=[1, 2, 1, 1],
+            layer_type="basic",
+            out_features=["stage2", "stage3", "stage4"],
+        )
+    else:
+        bc = ResNetConfig(
+            embedding_size=16,
+            hidden_sizes=[64, 128, 128, 256],
+            depths=[1, 1, 1, 1],
+            layer_type="bottleneck",
+            out_features=["stage2", "stage3", "stage4"],
+        )
+    cfg = DeformableDetrConfig(
+        use_timm_backbone=False,
+        backbone_config=bc,
+        backbone=None,
+        use_pretrained_backbone=False,
+        d_model=64,
+        encoder_layers=2,
+        decoder_layers=2,
+        encoder_attention_heads=4,
+        decoder_attention_heads=4,
+        encoder_ffn_dim=96,
+        decoder_ffn_dim=96,
+        num_queries=12,
+        num_labels=5,
+        num_feature_levels=4,
+        encoder_n_points=2,
+        decoder_n_points=3,
+        two_stage_num_proposals=12,
+        **kw,
+    )
+    torch.manual_seed(0)
+    model = DeformableDetrForObjectDetection(cfg).eval()
+    # Random everything (the initialisation zeroes several heads), BN statistics included.
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+            if t.is_floating_point():
+                if "running_var" in name:
+                    t.copy_(0.5 + torch.rand(t.shape, generator=g))
+                else:
+                    t.copy_(torch.randn(t.shape, generator=g) * 0.2)
+    return model
+
+
+def padded_batch():
+    """Two images of unequal sizes, padded to one canvas (HF mask: 1 = valid)."""
+    g = torch.Generator().manual_seed(2)
+    images = torch.zeros(2, 3, 96, 128)
+    valid = torch.zeros(2, 96, 128, dtype=torch.long)
+    images[0] = torch.randn(3, 96, 128, generator=g)
+    valid[0] = 1
+    images[1, :, :80, :100] = torch.randn(3, 80, 100, generator=g)
+    valid[1, :80, :100] = 1
+    return images, valid
+
+
+@pytest.mark.parametrize(
+    ("layer_type", "variant"),
+    [
+        ("basic", {}),
+        ("bottleneck", {}),
+        ("basic", {"with_box_refine": True}),
+        ("basic", {"with_box_refine": True, "two_stage": True}),
+    ],
+    ids=["plain", "bottleneck", "refine", "refine+two-stage"],
+)
+def test_transformers_model_gives_the_same_detections(layer_type, variant):
+    hf = hf_model(layer_type, **variant).double()
+    ours, report = DeformableDETR.from_transformers(hf)
+    assert report.exact, str(report)
+    ours = ours.double()
+    images, valid = padded_batch()
+    images = images.double()
+    with torch.no_grad():
+        expected = hf(pixel_values=images, pixel_mask=valid)
+        got = ours(images, mask=valid == 0)
+    torch.testing.assert_close(got["pred_logits"], expected.logits, atol=1e-9, rtol=1e-7)
+    torch.testing.assert_close(got["pred_boxes"], expected.pred_boxes, atol=1e-9, rtol=1e-7)
+    if variant.get("two_stage"):
+        torch.testing.assert_close(
+            got["enc_outputs"]["pred_logits"], expected.enc_outputs_class, atol=1e-9, rtol=1e-7
+        )
+
+
+def test_reference_layout_checkpoint_loads_with_a_report():
+    config = DeformableDETRConfig.tiny()
+    source = build_model(config)
+    with torch.no_grad():
+        for t in source.parameters():
+            t.copy_(torch.randn_like(t))
+    checkpoint = {"model": source.state_dict()}
+    target = build_model(config)
+    report = load_reference_checkpoint(target, checkpoint)
+    assert report.exact
+    for k, v in target.state_dict().items():
+        torch.testing.assert_close(v, checkpoint["model"][k])
+    # Missing and unexpected keys are named, not hidden.
+    state = dict(checkpoint["model"])
+    state.pop("query_embed.weight")
+    state["transformer.bogus"] = torch.zeros(1)
+    report = load_reference_checkpoint(build_model(config), state)
+    assert report.missing_keys == ["query_embed.weight"]
+    assert report.unexpected_keys == ["transformer.bogus"]
