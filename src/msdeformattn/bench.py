@@ -337,6 +337,53 @@ def format_table(rows: list[dict], bandwidth: bool = False) -> str:
     return "\n".join(lines)
 
 
+def detector_benchmark(height: int, width: int, min_run_time: float) -> str:
+    """Full-size Deformable DETR inference (ResNet-50, 6+6 layers, 300 queries), ours vs
+    transformers' DeformableDetrForObjectDetection with the same (random) weights."""
+    from transformers import DeformableDetrConfig, DeformableDetrForObjectDetection, ResNetConfig
+
+    from .models import DeformableDETR
+
+    backbone = ResNetConfig(
+        depths=[3, 4, 6, 3],
+        hidden_sizes=[256, 512, 1024, 2048],
+        layer_type="bottleneck",
+        out_features=["stage2", "stage3", "stage4"],
+    )
+    config = DeformableDetrConfig(
+        use_timm_backbone=False,
+        backbone_config=backbone,
+        backbone=None,
+        use_pretrained_backbone=False,
+    )
+    torch.manual_seed(0)
+    hf = DeformableDetrForObjectDetection(config).eval()
+    ours, report = DeformableDETR.from_transformers(hf)
+    if not report.exact:
+        raise RuntimeError(f"weights did not convert exactly: {report}")
+    image = torch.randn(1, 3, height, width)
+    mask = torch.zeros(1, height, width, dtype=torch.bool)
+    threads = torch.get_num_threads()
+
+    def run_ours():
+        with torch.no_grad():
+            return ours(image, mask)
+
+    def run_hf():
+        with torch.no_grad():
+            return hf(pixel_values=image, pixel_mask=(~mask).long())
+
+    torch.testing.assert_close(run_ours()["pred_boxes"], run_hf().pred_boxes, atol=1e-4, rtol=1e-3)
+    times = {}
+    for name, fn in (("msdeformattn", run_ours), ("transformers", run_hf)):
+        timer = benchmark.Timer("fn()", globals={"fn": fn}, num_threads=threads)
+        times[name] = timer.blocked_autorange(min_run_time=min_run_time).median
+    lines = ["| model | inference s | speed-up |", "|---|---|---|"]
+    for name, t in times.items():
+        lines.append(f"| {name} | {t:.3f} | {times['transformers'] / t:.2f}x |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(
         prog="python -m msdeformattn.bench", description=__doc__.split("\n")[0]
@@ -349,10 +396,24 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--min-run-time", type=float, default=1.0, help="seconds per measurement")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory probes")
     p.add_argument("--json", metavar="FILE", help="also write the rows as JSON")
+    p.add_argument(
+        "--detector",
+        action="store_true",
+        help="time full-size detector inference against transformers instead",
+    )
+    p.add_argument("--image-size", nargs=2, type=int, default=(640, 960), metavar=("H", "W"))
     p.add_argument("--memory-probe", nargs=4, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.memory_probe:
         print(peak_memory_probe(*args.memory_probe))
+        return
+    if args.detector:
+        print(
+            f"device=cpu torch={torch.__version__} threads={torch.get_num_threads()} "
+            f"image={args.image_size[0]}x{args.image_size[1]}",
+            flush=True,
+        )
+        print(detector_benchmark(*args.image_size, args.min_run_time))
         return
     header = (
         f"device={args.device} dtype={args.dtype} torch={torch.__version__} "

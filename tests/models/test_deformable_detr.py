@@ -97,3 +97,35 @@ def test_post_process_scales_boxes_to_pixels():
     torch.testing.assert_close(
         box_cxcywh_to_xyxy(boxes[0, :1]), torch.tensor([[0.4, 0.4, 0.6, 0.6]])
     )
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_mixed_precision_training_step_within_the_low_precision_rule(dtype):
+    """Autocast forward and a GradScaler step: finite, and our error at most twice the
+    reference backend's under the same autocast (both against float32)."""
+    images = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    boxes = {}
+    for backend in ("cpu", "reference"):
+        torch.manual_seed(0)
+        model = build_model(DeformableDETRConfig.tiny(with_box_refine=True, backend=backend))
+        model.eval()
+        with torch.no_grad():
+            exact = model(images)["pred_boxes"]
+            with torch.autocast("cpu", dtype=dtype):
+                low = model(images)["pred_boxes"].float()
+        assert torch.isfinite(low).all()
+        boxes[backend] = (low - exact).abs().max()
+        model.train()
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        scaler = torch.amp.GradScaler("cpu", enabled=dtype == torch.float16)
+        with torch.autocast("cpu", dtype=dtype):
+            out = model(images)
+            loss = out["pred_logits"].float().sigmoid().mean() + out["pred_boxes"].float().mean()
+        scaler.scale(loss).backward()
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        assert grads and all(torch.isfinite(g).all() for g in grads)
+        before = [p.detach().clone() for p in model.parameters()]
+        scaler.step(opt)
+        scaler.update()
+        assert any(not torch.equal(a, p) for a, p in zip(before, model.parameters(), strict=True))
+    assert boxes["cpu"] <= 2 * boxes["reference"] + 1e-3, boxes
