@@ -216,31 +216,12 @@ def peak_memory_probe(case_name: str, contender: str, dtype: str, device: str) -
         _fwd_bwd(fn, inputs, grad)
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated() - base
-    # Writing 5 to clear_refs resets the peak RSS (VmHWM) to the current RSS.
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    base = _status_bytes("VmRSS")
-    _fwd_bwd(fn, inputs, grad)
-    return _status_bytes("VmHWM") - base
+    return _peak_of(lambda: _fwd_bwd(fn, inputs, grad))
 
 
 def peak_memory(case_name: str, contender: str, dtype: str, device: str) -> int:
     """Run :func:`peak_memory_probe` in a fresh process, so earlier peaks don't count."""
-    cmd = [
-        sys.executable,
-        "-m",
-        "msdeformattn.bench",
-        "--memory-probe",
-        case_name,
-        contender,
-        dtype,
-        device,
-    ]
-    # A fixed mmap threshold makes glibc return every large block to the
-    # system when freed, so RSS follows the live allocations.
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
-    return int(out.strip().splitlines()[-1])
+    return _probe_subprocess(["--memory-probe", case_name, contender, dtype, device])
 
 
 def _result_bytes(inputs) -> int:
@@ -384,6 +365,114 @@ def detector_benchmark(height: int, width: int, min_run_time: float) -> str:
     return "\n".join(lines)
 
 
+def _encoder_layer_step(which: str):
+    """One training step (forward + backward) of a COCO-size encoder layer, ours or transformers'.
+
+    Same weights in both (transformers' layer, copied into ours by name);
+    one image, Lq = S = 20,197, d_model 256, 8 heads, 4 levels, 4 points.
+    """
+    from transformers import DeformableDetrConfig
+    from transformers.models.deformable_detr.modeling_deformable_detr import (
+        DeformableDetrEncoderLayer,
+    )
+
+    from .nn import DeformableTransformerEncoder, DeformableTransformerEncoderLayer
+
+    torch.manual_seed(0)
+    hf = DeformableDetrEncoderLayer(DeformableDetrConfig(dropout=0.0)).train()
+    ours = DeformableTransformerEncoderLayer(dropout=0.0).train()
+    rename = {
+        "self_attn_layer_norm": "norm1",
+        "mlp.fc1": "linear1",
+        "mlp.fc2": "linear2",
+        "final_layer_norm": "norm2",
+    }
+    state = {}
+    for k, v in hf.state_dict().items():
+        for a, b in rename.items():
+            k = k.replace(a, b)
+        state[k] = v
+    ours.load_state_dict(state)
+    shapes = torch.tensor(COCO_LEVELS)
+    areas = shapes.prod(1)
+    starts = torch.cat([areas.new_zeros(1), areas.cumsum(0)[:-1]])
+    S = int(areas.sum())
+    g = torch.Generator().manual_seed(1)
+    src = torch.randn(1, S, 256, generator=g, requires_grad=True)
+    pos = torch.randn(1, S, 256, generator=g)
+    ref = DeformableTransformerEncoder.get_reference_points(COCO_LEVELS, torch.ones(1, 4, 2), "cpu")
+    valid = torch.ones(1, S, dtype=torch.bool)
+
+    def step_ours():
+        ours(src, pos, ref, shapes, starts).sum().backward()
+
+    def step_hf():
+        out = hf(
+            src,
+            valid,
+            spatial_position_embeddings=pos,
+            reference_points=ref,
+            spatial_shapes=shapes,
+            spatial_shapes_list=list(COCO_LEVELS),
+            level_start_index=starts,
+        )
+        (out[0] if isinstance(out, tuple) else out).sum().backward()
+
+    with torch.no_grad():
+        got = ours(src, pos, ref, shapes, starts)
+        expected = hf(
+            src,
+            valid,
+            spatial_position_embeddings=pos,
+            reference_points=ref,
+            spatial_shapes=shapes,
+            spatial_shapes_list=list(COCO_LEVELS),
+            level_start_index=starts,
+        )
+    expected = expected[0] if isinstance(expected, tuple) else expected
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+    return {"msdeformattn": step_ours, "transformers": step_hf}[which]
+
+
+def encoder_benchmark(min_run_time: float) -> str:
+    threads = torch.get_num_threads()
+    rows = [
+        "| encoder layer (train step) | fwd+bwd s | speed-up | peak extra MiB |",
+        "|---|---|---|---|",
+    ]
+    times, mems = {}, {}
+    for name in ("msdeformattn", "transformers"):
+        step = _encoder_layer_step(name)
+        step()
+        timer = benchmark.Timer("f()", globals={"f": step}, num_threads=threads)
+        times[name] = timer.blocked_autorange(min_run_time=min_run_time).median
+        mems[name] = _probe_subprocess(["--encoder-memory-probe", name])
+    for name in times:
+        rows.append(
+            f"| {name} | {times[name]:.3f} | {times['transformers'] / times[name]:.2f}x "
+            f"| {mems[name] / 2**20:.0f} |"
+        )
+    return "\n".join(rows)
+
+
+def _peak_of(fn) -> int:
+    """Peak RSS growth while fn runs (Linux): clear_refs "5" resets VmHWM to the current RSS."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    base = _status_bytes("VmRSS")
+    fn()
+    return _status_bytes("VmHWM") - base
+
+
+def _probe_subprocess(args: list[str]) -> int:
+    cmd = [sys.executable, "-m", "msdeformattn.bench", *args]
+    # A fixed mmap threshold makes glibc return every large block to the
+    # system when freed, so RSS follows the live allocations.
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
+    return int(out.strip().splitlines()[-1])
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(
         prog="python -m msdeformattn.bench", description=__doc__.split("\n")[0]
@@ -402,10 +491,25 @@ def main(argv: list[str] | None = None) -> None:
         help="time full-size detector inference against transformers instead",
     )
     p.add_argument("--image-size", nargs=2, type=int, default=(640, 960), metavar=("H", "W"))
+    p.add_argument(
+        "--encoder",
+        action="store_true",
+        help="time a COCO-size encoder layer's training step against transformers",
+    )
+    p.add_argument("--encoder-memory-probe", help=argparse.SUPPRESS)
     p.add_argument("--memory-probe", nargs=4, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.memory_probe:
         print(peak_memory_probe(*args.memory_probe))
+        return
+    if args.encoder_memory_probe:
+        step = _encoder_layer_step(args.encoder_memory_probe)
+        step()  # warm-up: kernels loaded, autograd buffers allocated once
+        print(_peak_of(step))
+        return
+    if args.encoder:
+        print(f"device=cpu torch={torch.__version__} threads={torch.get_num_threads()}", flush=True)
+        print(encoder_benchmark(args.min_run_time))
         return
     if args.detector:
         print(

@@ -146,3 +146,37 @@ def test_inverse_sigmoid_inverts_sigmoid():
     x = torch.linspace(-4, 4, 9)
     torch.testing.assert_close(inverse_sigmoid(x.sigmoid()), x, atol=1e-4, rtol=1e-4)
     assert torch.isfinite(inverse_sigmoid(torch.tensor([0.0, 1.0]))).all()
+
+
+@pytest.mark.parametrize("two_stage", [False, True])
+def test_an_image_alone_and_padded_in_a_batch_decode_the_same(two_stage):
+    """Features of one image alone, and the same features in a larger padded canvas
+    beside another image: the same decoder outputs (reference points, offsets and
+    position encodings are all relative to the valid extent).
+
+    Exact at the transformer; a whole detector also pads through its backbone and
+    GroupNorm, whose statistics see the padding (as in the reference implementation)."""
+    from msdeformattn.models.backbone import PositionEmbeddingSine
+
+    model = tiny(two_stage=two_stage, return_intermediate_dec=True)
+    if two_stage:
+        _heads(model, 3)
+    embed = PositionEmbeddingSine(C // 2)
+    query_embed = torch.randn(10, 2 * C)
+    g = torch.Generator().manual_seed(5)
+    alone, alone_masks, canvas, canvas_masks = [], [], [], []
+    for H, W in LEVELS:
+        x = torch.randn(1, C, H, W, generator=g)
+        alone.append(x)
+        alone_masks.append(torch.zeros(1, H, W, dtype=torch.bool))
+        big = torch.randn(2, C, H, W + W // 2, generator=g)  # padding holds noise
+        big[1, :, :, :W] = x[0]
+        mask = torch.zeros(2, H, W + W // 2, dtype=torch.bool)
+        mask[1, :, W:] = True
+        canvas.append(big)
+        canvas_masks.append(mask)
+    pos_alone = [embed(m) for m in alone_masks]
+    pos_canvas = [embed(m) for m in canvas_masks]
+    hs_alone = model(alone, alone_masks, pos_alone, query_embed)[0]
+    hs_canvas = model(canvas, canvas_masks, pos_canvas, query_embed)[0]
+    torch.testing.assert_close(hs_canvas[:, 1], hs_alone[:, 0], atol=1e-4, rtol=1e-4)
