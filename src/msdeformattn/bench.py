@@ -134,7 +134,10 @@ def contenders(device: str) -> dict[str, Callable]:
             return msdeformattn.ms_deform_attn(*args, backend=_name)
 
         probe = make_inputs(CASES["small"], torch.float32, device)
-        if msdeformattn.ops.get_backend(name).supports(probe[0], probe[3], probe[4]):
+        backend = msdeformattn.ops.get_backend(name)
+        args = (probe[0], probe[3], probe[4])
+        # Only what backend=None could pick: not Triton's interpreter on the CPU.
+        if backend.supports(*args) and not backend.dispatch_reasons(*args):
             fns[f"msdeformattn:{name}"] = ours
     fns["peer:grid_sample"] = grid_sample_formulation
     hf = _transformers_fn()
