@@ -21,6 +21,7 @@ __all__ = [
     "Joiner",
     "PositionEmbeddingSine",
     "ResNet",
+    "resize_mask",
     "resnet",
 ]
 
@@ -161,6 +162,23 @@ def resnet(name: str = "resnet50", norm: str = "frozen") -> ResNet:
     return ResNet(block, depths, norm=norm)
 
 
+def resize_mask(mask: torch.Tensor, size) -> torch.Tensor:
+    """Nearest-neighbour resize of a (N, H, W) padding mask to ``size`` (h, w).
+
+    ``F.interpolate(mode="nearest")`` in eager mode, as the reference does.
+    While exporting to ONNX the same source pixels are gathered explicitly
+    (floor(i * H/h) in float32, PyTorch's rule): the exporter's Resize picks
+    other pixels for some sizes, which moved the valid border of a level.
+    """
+    if not torch.onnx.is_in_onnx_export():
+        return F.interpolate(mask[None].float(), size=size)[0].to(torch.bool)
+    H, W = mask.shape[-2:]
+    h, w = size
+    rows = (torch.arange(h, device=mask.device, dtype=torch.float32) * (H / h)).floor().long()
+    cols = (torch.arange(w, device=mask.device, dtype=torch.float32) * (W / w)).floor().long()
+    return mask[:, rows.clamp(max=H - 1)][:, :, cols.clamp(max=W - 1)]
+
+
 class Backbone(nn.Module):
     """Holds the trunk as ``body`` (the reference's ``backbone.0.body`` prefix)."""
 
@@ -174,7 +192,7 @@ class Backbone(nn.Module):
         """images (N, 3, H, W), mask (N, H, W) True on padding -> [(feature, mask)] per level."""
         out = []
         for feature in self.body(images):
-            m = F.interpolate(mask[None].float(), size=feature.shape[-2:])[0].to(torch.bool)
+            m = resize_mask(mask, feature.shape[-2:])
             out.append((feature, m))
         return out
 

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..nn.transformer import DeformableTransformer, inverse_sigmoid
-from .backbone import Backbone, Joiner, PositionEmbeddingSine, ResNet, resnet
+from .backbone import Backbone, Joiner, PositionEmbeddingSine, ResNet, resize_mask, resnet
 
 __all__ = [
     "MLP",
@@ -189,7 +189,7 @@ class DeformableDETR(nn.Module):
             pos.append(p)
         for lvl in range(len(features), self.num_feature_levels):
             src = self.input_proj[lvl](features[-1][0] if lvl == len(features) else srcs[-1])
-            m = F.interpolate(mask[None].float(), size=src.shape[-2:])[0].to(torch.bool)
+            m = resize_mask(mask, src.shape[-2:])
             srcs.append(src)
             masks.append(m)
             pos.append(self.backbone[1](m, src.dtype))

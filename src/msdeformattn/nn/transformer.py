@@ -99,9 +99,10 @@ class DeformableTransformerEncoder(nn.Module):
         """
         points = []
         for lvl, (H, W) in enumerate(spatial_shapes):
+            # arange, not linspace: the same numbers, and export keeps its length symbolic.
             ref_y, ref_x = torch.meshgrid(
-                torch.linspace(0.5, H - 0.5, H, dtype=valid_ratios.dtype, device=device),
-                torch.linspace(0.5, W - 0.5, W, dtype=valid_ratios.dtype, device=device),
+                torch.arange(H, dtype=valid_ratios.dtype, device=device) + 0.5,
+                torch.arange(W, dtype=valid_ratios.dtype, device=device) + 0.5,
                 indexing="ij",
             )
             ref_y = ref_y.reshape(-1)[None] / (valid_ratios[:, None, lvl, 1] * H)
@@ -111,10 +112,21 @@ class DeformableTransformerEncoder(nn.Module):
         return reference_points[:, :, None] * valid_ratios[:, None]
 
     def forward(
-        self, src, spatial_shapes, level_start_index, valid_ratios, pos=None, padding_mask=None
+        self,
+        src,
+        spatial_shapes,
+        level_start_index,
+        valid_ratios,
+        pos=None,
+        padding_mask=None,
+        spatial_shapes_list=None,
     ):
-        """src (N, S, C); valid_ratios (N, L, 2) -> memory (N, S, C)."""
-        shapes = [tuple(s) for s in spatial_shapes.tolist()]
+        """src (N, S, C); valid_ratios (N, L, 2) -> memory (N, S, C).
+
+        ``spatial_shapes_list`` gives the level sizes as Python (or symbolic)
+        ints; without it they are read from the tensor, which export cannot trace.
+        """
+        shapes = spatial_shapes_list or [tuple(s) for s in spatial_shapes.tolist()]
         reference_points = self.get_reference_points(shapes, valid_ratios, src.device)
         output = src
         for layer in self.layers:
@@ -344,8 +356,8 @@ class DeformableTransformer(nn.Module):
             valid_H = (~mask[:, :, 0, 0]).sum(1)
             valid_W = (~mask[:, 0, :, 0]).sum(1)
             grid_y, grid_x = torch.meshgrid(
-                torch.linspace(0, H - 1, H, dtype=memory.dtype, device=memory.device),
-                torch.linspace(0, W - 1, W, dtype=memory.dtype, device=memory.device),
+                torch.arange(H, dtype=memory.dtype, device=memory.device),
+                torch.arange(W, dtype=memory.dtype, device=memory.device),
                 indexing="ij",
             )
             grid = torch.cat([grid_x.unsqueeze(-1), grid_y.unsqueeze(-1)], -1)
@@ -395,13 +407,27 @@ class DeformableTransformer(nn.Module):
         mask_flatten = torch.cat(mask_flatten, 1)
         pos_flatten = torch.cat(pos_flatten, 1)
         device = src_flatten.device
-        spatial_shapes = torch.as_tensor(shapes, dtype=torch.long, device=device)
+        # Counted with ops rather than built from Python ints, so that an exported
+        # graph computes the level sizes from its input (as_tensor would bake the
+        # example's sizes into ONNX as a constant).
+        spatial_shapes = torch.stack(
+            [
+                torch.stack([torch.ones(d, dtype=torch.long, device=device).sum() for d in hw])
+                for hw in shapes
+            ]
+        )
         areas = spatial_shapes.prod(1)
         level_start_index = torch.cat((areas.new_zeros((1,)), areas.cumsum(0)[:-1]))
         # In the features' dtype: float32 ratios would cap a float64 model's precision.
         valid_ratios = torch.stack([self.get_valid_ratio(m, src_flatten.dtype) for m in masks], 1)
         memory = self.encoder(
-            src_flatten, spatial_shapes, level_start_index, valid_ratios, pos_flatten, mask_flatten
+            src_flatten,
+            spatial_shapes,
+            level_start_index,
+            valid_ratios,
+            pos_flatten,
+            mask_flatten,
+            shapes,
         )
 
         N, _, C = memory.shape

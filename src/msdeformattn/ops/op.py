@@ -12,6 +12,7 @@ import torch
 
 from . import cpu, reference, triton  # noqa: F401  (registers the backends)
 from .registry import get_backend, resolve
+from .traceable import traceable_forward
 from .validate import check_inputs
 
 __all__ = ["ms_deform_attn"]
@@ -151,15 +152,21 @@ def ms_deform_attn(
         >>> ms_deform_attn(value, shapes, starts, loc, attn).shape
         torch.Size([2, 100, 256])
     """
+    exporting = torch.onnx.is_in_onnx_export()
     check_inputs(
         value,
         spatial_shapes,
         level_start_index,
         sampling_locations,
         attention_weights,
-        # Under torch.compile the values are unknown at trace time.
-        check_values=check_values and not torch.compiler.is_compiling(),
+        # While tracing (compile, export) the values are unknown.
+        check_values=check_values and not torch.compiler.is_compiling() and not exporting,
     )
+    if exporting:
+        # ONNX has no kernel of ours: standard ops, level tables kept as tensors.
+        return traceable_forward(
+            value, spatial_shapes, level_start_index, sampling_locations, attention_weights
+        )
     name = resolve(
         value, spatial_shapes, level_start_index, sampling_locations, attention_weights, backend
     ).backend
