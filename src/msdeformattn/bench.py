@@ -321,7 +321,7 @@ def format_table(rows: list[dict], bandwidth: bool = False) -> str:
     return "\n".join(lines)
 
 
-def detector_benchmark(height: int, width: int, min_run_time: float) -> str:
+def detector_benchmark(height: int, width: int, min_run_time: float, onnx: bool = False) -> str:
     """Full-size Deformable DETR inference (ResNet-50, 6+6 layers, 300 queries), ours vs
     transformers' DeformableDetrForObjectDetection with the same (random) weights."""
     from transformers import DeformableDetrConfig, DeformableDetrForObjectDetection, ResNetConfig
@@ -358,11 +358,32 @@ def detector_benchmark(height: int, width: int, min_run_time: float) -> str:
             return hf(pixel_values=image, pixel_mask=(~mask).long())
 
     torch.testing.assert_close(run_ours()["pred_boxes"], run_hf().pred_boxes, atol=1e-4, rtol=1e-3)
+    contenders = {"msdeformattn": run_ours, "transformers": run_hf}
     times = {}
-    for name, fn in (("msdeformattn", run_ours), ("transformers", run_hf)):
+
+    def measure(name, fn):
         timer = benchmark.Timer("fn()", globals={"fn": fn}, num_threads=threads)
         times[name] = timer.blocked_autorange(min_run_time=min_run_time).median
-    lines = ["| model | inference s | speed-up |", "|---|---|---|"]
+
+    for name, fn in contenders.items():
+        measure(name, fn)
+    # The same transformers model with our operator swapped in.
+    from .deploy import swap_into_transformers
+
+    swap_into_transformers(hf)
+    measure("transformers + swap_into_transformers", run_hf)
+    if onnx:
+        import tempfile
+
+        import onnxruntime
+
+        with tempfile.TemporaryDirectory() as tmp:
+            path = f"{tmp}/detector.onnx"
+            torch.onnx.export(ours, (image, mask), path, input_names=["images", "mask"])
+            session = onnxruntime.InferenceSession(path)
+        feed = {"images": image.numpy(), "mask": mask.numpy()}
+        measure("onnxruntime (exported msdeformattn)", lambda: session.run(None, feed))
+    lines = ["| model | inference s | speed-up over transformers |", "|---|---|---|"]
     for name, t in times.items():
         lines.append(f"| {name} | {t:.3f} | {times['transformers'] / t:.2f}x |")
     return "\n".join(lines)
@@ -493,6 +514,11 @@ def main(argv: list[str] | None = None) -> None:
         action="store_true",
         help="time full-size detector inference against transformers instead",
     )
+    p.add_argument(
+        "--onnx",
+        action="store_true",
+        help="with --detector: also time the model exported to onnxruntime",
+    )
     p.add_argument("--image-size", nargs=2, type=int, default=(640, 960), metavar=("H", "W"))
     p.add_argument(
         "--encoder",
@@ -520,7 +546,7 @@ def main(argv: list[str] | None = None) -> None:
             f"image={args.image_size[0]}x{args.image_size[1]}",
             flush=True,
         )
-        print(detector_benchmark(*args.image_size, args.min_run_time))
+        print(detector_benchmark(*args.image_size, args.min_run_time, args.onnx))
         return
     header = (
         f"device={args.device} dtype={args.dtype} torch={torch.__version__} "
