@@ -1,0 +1,34 @@
+"""The project's checkpoint file: the config and the weights of a detector, in one torch.save."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import torch
+
+from .deformable_detr import DeformableDETR, DeformableDETRConfig, build_model
+
+__all__ = ["load_checkpoint", "save_checkpoint"]
+
+
+def save_checkpoint(
+    path: str | Path, model: DeformableDETR, config: DeformableDETRConfig, **extra
+) -> None:
+    """Write ``{"config", "model", **extra}`` (extra: optimizer state, epoch, ...)."""
+    torch.save({"config": dataclasses.asdict(config), "model": model.state_dict(), **extra}, path)
+
+
+def load_checkpoint(path: str | Path) -> tuple[DeformableDETR, DeformableDETRConfig, dict]:
+    """The detector of a checkpoint (in eval mode), its config, and the other entries."""
+    data = torch.load(path, map_location="cpu", weights_only=True)
+    if "config" not in data or "model" not in data:
+        raise ValueError(f"{path} is not an msdeformattn checkpoint (needs 'config' and 'model')")
+    fields = {f.name for f in dataclasses.fields(DeformableDETRConfig)}
+    raw = data.pop("config")
+    config = DeformableDETRConfig(
+        **{k: tuple(v) if isinstance(v, list) else v for k, v in raw.items() if k in fields}
+    )
+    model = build_model(config)
+    model.load_state_dict(data.pop("model"))
+    return model.eval(), config, data
