@@ -129,3 +129,39 @@ def test_mixed_precision_training_step_within_the_low_precision_rule(dtype):
         scaler.update()
         assert any(not torch.equal(a, p) for a, p in zip(before, model.parameters(), strict=True))
     assert boxes["cpu"] <= 2 * boxes["reference"] + 1e-3, boxes
+
+
+def test_any_module_returning_feature_maps_can_be_the_backbone():
+    from torch import nn
+
+    from msdeformattn.models import Backbone, DeformableDETR, Joiner, PositionEmbeddingSine
+    from msdeformattn.nn import DeformableTransformer
+
+    class Pyramid(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.convs = nn.ModuleList(
+                nn.Conv2d(c, c2, 3, s, 1) for c, c2, s in ((3, 16, 8), (16, 32, 2), (32, 64, 2))
+            )
+
+        def forward(self, x):
+            outs = []
+            for conv in self.convs:
+                x = conv(x)
+                outs.append(x)
+            return outs
+
+    backbone = Joiner(Backbone(Pyramid(), [16, 32, 64], [8, 16, 32]), PositionEmbeddingSine(32))
+    transformer = DeformableTransformer(
+        d_model=64,
+        nhead=4,
+        num_encoder_layers=1,
+        num_decoder_layers=1,
+        dim_feedforward=64,
+        return_intermediate_dec=True,
+    )
+    model = DeformableDETR(
+        backbone, transformer, num_classes=3, num_queries=7, num_feature_levels=4
+    )
+    out = model(torch.randn(1, 3, 64, 64))
+    assert out["pred_logits"].shape == (1, 7, 3) and out["pred_boxes"].shape == (1, 7, 4)

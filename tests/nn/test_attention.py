@@ -10,7 +10,7 @@ import torch
 import msdeformattn
 from msdeformattn import MSDeformAttn
 
-from ..conftest import level_table
+from ..conftest import DEVICES, level_table
 
 LEVELS = ((6, 9), (3, 5), (2, 2), (1, 1))
 
@@ -185,24 +185,31 @@ def test_padding_mask_must_be_bool():
         layer(query, ref, flat, shapes, starts, torch.zeros(flat.shape[:2]))
 
 
-def test_autocast_bfloat16_within_twice_the_reference_error():
-    """Under CPU autocast the op gets a bfloat16 value and float32 locations."""
+# CPU autocast (bfloat16) here; on a GPU machine also CUDA float16 and bfloat16.
+AUTOCAST = [("cpu", torch.bfloat16)] + [
+    ("cuda", dt) for dt in (torch.float16, torch.bfloat16) if "cuda" in DEVICES
+]
+
+
+@pytest.mark.parametrize(("device", "dtype"), AUTOCAST)
+def test_autocast_within_twice_the_reference_error(device, dtype):
+    """Under autocast the op gets a low-precision value and float32 locations."""
     layer = randomized(MSDeformAttn(d_model=32, n_levels=4, n_heads=4, n_points=3)).double()
     inputs64 = layer_inputs(dtype=torch.float64)
     exact = layer(*inputs64)
-    layer = layer.float()
-    inputs = [t.float() if t.is_floating_point() else t for t in inputs64]
+    layer = layer.float().to(device)
+    inputs = [(t.float() if t.is_floating_point() else t).to(device) for t in inputs64]
     errors = {}
-    for backend in ("cpu", "reference"):
+    for backend in (None, "reference"):
         layer.backend = backend
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast(device, dtype=dtype):
             out = layer(*inputs)
         out.float().sum().backward()
         assert torch.isfinite(out).all()
         assert all(torch.isfinite(p.grad).all() for p in layer.parameters())
         layer.zero_grad()
-        errors[backend] = (out.double() - exact).abs().max()
-    assert errors["cpu"] <= 2 * errors["reference"], errors
+        errors[backend] = (out.double().cpu() - exact).abs().max()
+    assert errors[None] <= 2 * errors["reference"], errors
 
 
 def test_compiles_without_graph_break():
