@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..nn.transformer import DeformableTransformer, inverse_sigmoid
+from ..train.box_ops import box_cxcywh_to_xyxy
 from .backbone import Backbone, Joiner, PositionEmbeddingSine, ResNet, resize_mask, resnet
 
 __all__ = [
@@ -260,11 +261,6 @@ def build_model(config: DeformableDETRConfig) -> DeformableDETR:
         config.with_box_refine,
         config.two_stage,
     )
-
-
-def box_cxcywh_to_xyxy(boxes: torch.Tensor) -> torch.Tensor:
-    cx, cy, w, h = boxes.unbind(-1)
-    return torch.stack([cx - 0.5 * w, cy - 0.5 * h, cx + 0.5 * w, cy + 0.5 * h], -1)
 
 
 @torch.no_grad()
