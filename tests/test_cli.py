@@ -73,3 +73,56 @@ def test_load_rejects_foreign_files(tmp_path):
     torch.save({"state_dict": {}}, path)
     with pytest.raises(ValueError, match="not an msdeformattn checkpoint"):
         load_checkpoint(path)
+
+
+def test_train_evaluate_visualize_predict(tmp_path, capsys):
+    import json
+
+    from msdeformattn.train.synthetic import generate
+
+    data = generate(tmp_path / "data", num_train=8, num_val=4, seed=0)
+    run = tmp_path / "run"
+    main(
+        [
+            "train",
+            "--data",
+            str(data),
+            "-o",
+            str(run),
+            "--epochs",
+            "1",
+            "--batch-size",
+            "4",
+            "--image-size",
+            "64",
+        ]
+    )
+    out = capsys.readouterr().out
+    assert json.loads(out[out.index("{") :])["AP50"] >= 0
+    assert (run / "checkpoint.pt").exists() and (run / "metrics.json").exists()
+    main(["evaluate", str(run / "checkpoint.pt"), "--data", str(data), "--image-size", "64"])
+    assert '"AP50"' in capsys.readouterr().out
+    main(
+        [
+            "visualize",
+            str(run / "checkpoint.pt"),
+            "--data",
+            str(data),
+            "-o",
+            str(tmp_path / "vis"),
+            "--image-size",
+            "64",
+        ]
+    )
+    for name in ("detections.png", "sampling_points.png"):
+        assert (tmp_path / "vis" / name).read_bytes()[:4] == b"\x89PNG"
+    main(
+        [
+            "predict",
+            str(run / "checkpoint.pt"),
+            str(data / "val" / "000000.png"),
+            "-o",
+            str(tmp_path / "pred"),
+        ]
+    )
+    assert (tmp_path / "pred" / "000000_detections.png").exists()

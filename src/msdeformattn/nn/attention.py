@@ -62,6 +62,10 @@ class MSDeformAttn(nn.Module):
         self.n_heads = n_heads
         self.n_points = n_points
         self.backend = backend
+        #: set True to keep the last call's (sampling_locations, attention_weights)
+        #: in ``last_sampling`` (for visualisation)
+        self.record_sampling = False
+        self.last_sampling: tuple[torch.Tensor, torch.Tensor] | None = None
         kw = dict(device=device, dtype=dtype)
         samples = n_heads * n_levels * n_points
         self.sampling_offsets = nn.Linear(d_model, samples * 2, **kw)
@@ -138,6 +142,8 @@ class MSDeformAttn(nn.Module):
             locations = ref + offsets / wh[None, None, None, :, None, :]
         else:
             locations = ref[..., :2] + offsets / P * ref[..., 2:] * 0.5
+        if self.record_sampling:
+            self.last_sampling = (locations.detach(), weights.detach())
         out = ms_deform_attn(
             value,
             input_spatial_shapes,

@@ -8,6 +8,8 @@ evaluation needs to map back (image id, original size, category ids).
 
 from __future__ import annotations
 
+import contextlib
+import io
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +32,8 @@ class CocoDetection(torch.utils.data.Dataset):
 
     def __init__(self, images: str | Path, annotations: str | Path, transforms=None) -> None:
         self.images = Path(images)
-        self.coco = COCO(str(annotations))
+        with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints its progress
+            self.coco = COCO(str(annotations))
         self.ids = sorted(self.coco.imgs)
         self.category_ids = sorted(self.coco.cats)
         self.label_of = {c: i for i, c in enumerate(self.category_ids)}
