@@ -1,4 +1,4 @@
-# Two entry points: `make bench` (the main job) and `make test`.
+# Two entry points: `make demo` (the main job) and `make test`; `make bench` times the op.
 # Both create .venv with the pinned CPU build of PyTorch on first use.
 PYTHON ?= python3
 VENV ?= .venv
@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 # triton 3.6.0 is what the GPU machines run; here its interpreter tests the GPU kernels.
 TORCH_PIN ?= torch==2.13.0 triton==3.6.0
 
-.PHONY: install bench test lint clean
+.PHONY: install demo bench test lint clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -17,6 +17,9 @@ $(VENV)/.installed: pyproject.toml Makefile
 	touch $@
 
 install: $(VENV)/.installed
+
+demo: install
+	$(PY) -m msdeformattn demo --output demo_output
 
 bench: install
 	$(PY) -m msdeformattn.bench
