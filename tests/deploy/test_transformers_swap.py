@@ -79,3 +79,110 @@ def test_rt_detr_outputs_unchanged():
         after = model(pixel_values=images)
     torch.testing.assert_close(after.logits, before.logits, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(after.pred_boxes, before.pred_boxes, atol=1e-5, rtol=1e-4)
+
+
+def test_grounding_dino_outputs_unchanged():
+    from transformers import (
+        BertConfig,
+        GroundingDinoConfig,
+        GroundingDinoForObjectDetection,
+        ResNetConfig,
+    )
+
+    backbone = ResNetConfig(
+        embedding_size=16,
+        hidden_sizes=[16, 32, 64, 64],
+        depths=[1, 1, 1, 1],
+        layer_type="basic",
+        out_features=["stage2", "stage3", "stage4"],
+    )
+    text = BertConfig(
+        vocab_size=100,
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+    )
+    config = GroundingDinoConfig(
+        backbone_config=backbone,
+        backbone=None,
+        use_pretrained_backbone=False,
+        use_timm_backbone=False,
+        text_config=text,
+        d_model=32,
+        encoder_layers=1,
+        decoder_layers=2,
+        encoder_attention_heads=2,
+        decoder_attention_heads=2,
+        encoder_ffn_dim=64,
+        decoder_ffn_dim=64,
+        num_queries=10,
+        num_feature_levels=4,
+        max_text_len=16,
+    )
+    torch.manual_seed(0)
+    model = GroundingDinoForObjectDetection(config).eval()
+    g = torch.Generator().manual_seed(1)
+    images = torch.randn(1, 3, 96, 96, generator=g)
+    ids = torch.randint(1, 100, (1, 8), generator=g)
+    with torch.no_grad():
+        before = model(pixel_values=images, input_ids=ids)
+    assert len(swap_into_transformers(model)) == 3  # 1 encoder + 2 decoder layers
+    with torch.no_grad():
+        after = model(pixel_values=images, input_ids=ids)
+    # Logits of padded text positions are -inf in both.
+    torch.testing.assert_close(after.logits, before.logits, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(after.pred_boxes, before.pred_boxes, atol=1e-5, rtol=1e-4)
+
+
+def test_mask2former_pixel_decoder_outputs_unchanged(monkeypatch):
+    from transformers import Mask2FormerConfig, Mask2FormerForUniversalSegmentation, ResNetConfig
+    from transformers.models.mask2former import modeling_mask2former
+
+    # The swap replaces a module-level function: restore it after the test.
+    monkeypatch.setattr(
+        modeling_mask2former,
+        "multi_scale_deformable_attention",
+        modeling_mask2former.multi_scale_deformable_attention,
+    )
+    backbone = ResNetConfig(
+        embedding_size=16,
+        hidden_sizes=[16, 32, 64, 64],
+        depths=[1, 1, 1, 1],
+        layer_type="basic",
+        out_features=["stage1", "stage2", "stage3", "stage4"],
+    )
+    config = Mask2FormerConfig(
+        backbone_config=backbone,
+        backbone=None,
+        use_pretrained_backbone=False,
+        use_timm_backbone=False,
+        feature_size=32,
+        mask_feature_size=32,
+        hidden_dim=32,
+        encoder_layers=1,
+        decoder_layers=2,
+        num_attention_heads=2,
+        encoder_feedforward_dim=64,
+        dim_feedforward=64,
+        num_queries=5,
+        num_labels=3,
+    )
+    torch.manual_seed(0)
+    model = Mask2FormerForUniversalSegmentation(config).eval()
+    images = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        before = model(pixel_values=images)
+    names = swap_into_transformers(model)
+    assert names == [
+        "transformers.models.mask2former.modeling_mask2former.multi_scale_deformable_attention"
+    ]
+    with torch.no_grad():
+        after = model(pixel_values=images)
+    torch.testing.assert_close(
+        after.masks_queries_logits, before.masks_queries_logits, atol=1e-4, rtol=1e-4
+    )
+    torch.testing.assert_close(
+        after.class_queries_logits, before.class_queries_logits, atol=1e-4, rtol=1e-4
+    )
