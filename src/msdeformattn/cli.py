@@ -56,7 +56,10 @@ def _model_config(args: argparse.Namespace, num_classes: int):
     from .models import DeformableDETRConfig
 
     return DeformableDETRConfig.tiny(
-        num_classes=num_classes, with_box_refine=args.with_box_refine, two_stage=args.two_stage
+        num_classes=num_classes,
+        with_box_refine=args.with_box_refine,
+        two_stage=args.two_stage,
+        backbone_norm=args.backbone_norm,
     )
 
 
@@ -198,6 +201,19 @@ def main(argv: list[str] | None = None) -> None:
     train_p.add_argument("--seed", type=int)
     train_p.add_argument("--with-box-refine", action="store_true")
     train_p.add_argument("--two-stage", action="store_true")
+    train_p.add_argument(
+        "--backbone-norm",
+        choices=["batch", "frozen"],
+        default="batch",
+        help="trainable BatchNorm (from scratch) or frozen",
+    )
+    train_p.add_argument(
+        "--no-flip",
+        dest="flip",
+        action="store_const",
+        const=False,
+        help="no random horizontal flips",
+    )
     train_p.add_argument("--resume", action="store_true", help="continue from OUTPUT/checkpoint.pt")
     eval_p = sub.add_parser("evaluate", help="COCO metrics of a checkpoint")
     eval_p.add_argument("checkpoint")
