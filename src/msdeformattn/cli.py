@@ -169,6 +169,16 @@ def _demo(args: argparse.Namespace) -> None:
     )
 
 
+def _compare(args: argparse.Namespace) -> None:
+    import json
+
+    from .train.compare import compare
+
+    results = compare(args.output, args.minutes, args.seed)
+    print(json.dumps({k: {m: round(v[m], 3) for m in ("AP", "AP50")} for k, v in results.items()}))
+    print(f"wrote {Path(args.output) / 'deformable_vs_dense.png'}")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="msdeformattn", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -237,6 +247,10 @@ def main(argv: list[str] | None = None) -> None:
     demo_p.add_argument("--output", "-o", required=True)
     demo_p.add_argument("--minutes", type=float, default=10.0)
     demo_p.add_argument("--seed", type=int, default=0)
+    cmp_p = sub.add_parser("compare", help="deformable vs dense attention, same budget, one plot")
+    cmp_p.add_argument("--output", "-o", required=True)
+    cmp_p.add_argument("--minutes", type=float, default=10.0, help="per model")
+    cmp_p.add_argument("--seed", type=int, default=0)
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["bench"]:
         from . import bench
@@ -251,6 +265,7 @@ def main(argv: list[str] | None = None) -> None:
         "visualize": _visualize,
         "predict": _predict,
         "demo": _demo,
+        "compare": _compare,
     }
     commands[args.command](args)
 

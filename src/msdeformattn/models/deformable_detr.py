@@ -56,6 +56,8 @@ class DeformableDETRConfig:
     with_box_refine: bool = False
     two_stage: bool = False
     backend: str | None = None
+    #: "dense": the DETR-style baseline with ordinary attention in encoder and cross-attention
+    attention: str = "deformable"
 
     @classmethod
     def tiny(cls, num_classes: int = 4, **overrides) -> DeformableDETRConfig:
@@ -250,6 +252,7 @@ def build_model(config: DeformableDETRConfig) -> DeformableDETR:
         two_stage=config.two_stage,
         two_stage_num_proposals=config.num_queries,
         backend=config.backend,
+        attention=config.attention,
     )
     return DeformableDETR(
         backbone,

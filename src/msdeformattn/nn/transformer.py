@@ -277,33 +277,43 @@ class DeformableTransformer(nn.Module):
         two_stage=False,
         two_stage_num_proposals=300,
         backend: str | None = None,
+        attention: str = "deformable",
     ) -> None:
         super().__init__()
+        if attention not in ("deformable", "dense"):
+            raise ValueError(f"attention must be 'deformable' or 'dense', got {attention!r}")
+        self.attention = attention
         self.d_model = d_model
         self.nhead = nhead
         self.two_stage = two_stage
         self.two_stage_num_proposals = two_stage_num_proposals
-        enc = DeformableTransformerEncoderLayer(
-            d_model,
-            dim_feedforward,
-            dropout,
-            activation,
-            num_feature_levels,
-            nhead,
-            enc_n_points,
-            backend,
-        )
+        if attention == "dense":
+            from .dense import DenseDecoderLayer, DenseEncoderLayer
+
+            enc = DenseEncoderLayer(d_model, dim_feedforward, dropout, activation, nhead)
+            dec = DenseDecoderLayer(d_model, dim_feedforward, dropout, activation, nhead)
+        else:
+            enc = DeformableTransformerEncoderLayer(
+                d_model,
+                dim_feedforward,
+                dropout,
+                activation,
+                num_feature_levels,
+                nhead,
+                enc_n_points,
+                backend,
+            )
+            dec = DeformableTransformerDecoderLayer(
+                d_model,
+                dim_feedforward,
+                dropout,
+                activation,
+                num_feature_levels,
+                nhead,
+                dec_n_points,
+                backend,
+            )
         self.encoder = DeformableTransformerEncoder(enc, num_encoder_layers)
-        dec = DeformableTransformerDecoderLayer(
-            d_model,
-            dim_feedforward,
-            dropout,
-            activation,
-            num_feature_levels,
-            nhead,
-            dec_n_points,
-            backend,
-        )
         self.decoder = DeformableTransformerDecoder(
             dec, num_decoder_layers, return_intermediate_dec
         )
@@ -455,10 +465,12 @@ class DeformableTransformer(nn.Module):
             tgt = tgt.unsqueeze(0).expand(N, -1, -1)
             reference_points = self.reference_points(query_pos).sigmoid()
         init_reference = reference_points
+        # Dense cross-attention needs positions on its keys: they ride on the memory.
+        src = memory + pos_flatten if self.attention == "dense" else memory
         hs, inter_references = self.decoder(
             tgt,
             reference_points,
-            memory,
+            src,
             spatial_shapes,
             level_start_index,
             valid_ratios,
