@@ -8,7 +8,7 @@ from torch import nn
 
 from msdeformattn.deploy import FusedMultiScaleDeformableAttention, swap_into_transformers
 
-from ..models.test_convert import hf_model, padded_batch
+from ..models.test_convert import hf_model, padded_batch, tiny_resnet
 
 pytest.importorskip("transformers")
 
@@ -41,18 +41,12 @@ def test_nothing_to_replace_is_an_error():
 def test_rt_detr_outputs_unchanged():
     from transformers import RTDetrConfig, RTDetrForObjectDetection, RTDetrResNetConfig
 
-    backbone = RTDetrResNetConfig(
-        embedding_size=16,
-        hidden_sizes=[16, 32, 64, 128],
-        depths=[1, 1, 1, 1],
-        layer_type="basic",
-        out_features=["stage2", "stage3", "stage4"],
-    )
+    backbone = tiny_resnet(config_cls=RTDetrResNetConfig)
     config = RTDetrConfig(
         backbone_config=backbone,
         backbone=None,
         use_pretrained_backbone=False,
-        encoder_in_channels=[32, 64, 128],
+        encoder_in_channels=[32, 64, 64],
         decoder_in_channels=[64, 64, 64],
         d_model=64,
         encoder_hidden_dim=64,
@@ -86,16 +80,9 @@ def test_grounding_dino_outputs_unchanged():
         BertConfig,
         GroundingDinoConfig,
         GroundingDinoForObjectDetection,
-        ResNetConfig,
     )
 
-    backbone = ResNetConfig(
-        embedding_size=16,
-        hidden_sizes=[16, 32, 64, 64],
-        depths=[1, 1, 1, 1],
-        layer_type="basic",
-        out_features=["stage2", "stage3", "stage4"],
-    )
+    backbone = tiny_resnet()
     text = BertConfig(
         vocab_size=100,
         hidden_size=32,
@@ -137,7 +124,7 @@ def test_grounding_dino_outputs_unchanged():
 
 
 def test_mask2former_pixel_decoder_outputs_unchanged(monkeypatch):
-    from transformers import Mask2FormerConfig, Mask2FormerForUniversalSegmentation, ResNetConfig
+    from transformers import Mask2FormerConfig, Mask2FormerForUniversalSegmentation
     from transformers.models.mask2former import modeling_mask2former
 
     # The swap replaces a module-level function: restore it after the test.
@@ -146,13 +133,7 @@ def test_mask2former_pixel_decoder_outputs_unchanged(monkeypatch):
         "multi_scale_deformable_attention",
         modeling_mask2former.multi_scale_deformable_attention,
     )
-    backbone = ResNetConfig(
-        embedding_size=16,
-        hidden_sizes=[16, 32, 64, 64],
-        depths=[1, 1, 1, 1],
-        layer_type="basic",
-        out_features=["stage1", "stage2", "stage3", "stage4"],
-    )
+    backbone = tiny_resnet(stages=("stage1", "stage2", "stage3", "stage4"))
     config = Mask2FormerConfig(
         backbone_config=backbone,
         backbone=None,

@@ -11,25 +11,27 @@ from msdeformattn.models.convert import load_reference_checkpoint
 transformers = pytest.importorskip("transformers")
 
 
-def hf_model(layer_type="basic", **kw):
-    from transformers import DeformableDetrConfig, DeformableDetrForObjectDetection, ResNetConfig
+def tiny_resnet(layer_type="basic", stages=("stage2", "stage3", "stage4"), config_cls=None):
+    """A small transformers ResNet backbone config (shared by the transformers tests)."""
+    from transformers import ResNetConfig
 
     if layer_type == "basic":
-        bc = ResNetConfig(
-            embedding_size=16,
-            hidden_sizes=[16, 32, 64, 64],
-            depths=[1, 2, 1, 1],
-            layer_type="basic",
-            out_features=["stage2", "stage3", "stage4"],
-        )
+        sizes, depths = [16, 32, 64, 64], [1, 2, 1, 1]
     else:
-        bc = ResNetConfig(
-            embedding_size=16,
-            hidden_sizes=[64, 128, 128, 256],
-            depths=[1, 1, 1, 1],
-            layer_type="bottleneck",
-            out_features=["stage2", "stage3", "stage4"],
-        )
+        sizes, depths = [64, 128, 128, 256], [1, 1, 1, 1]
+    return (config_cls or ResNetConfig)(
+        embedding_size=16,
+        hidden_sizes=sizes,
+        depths=depths,
+        layer_type=layer_type,
+        out_features=list(stages),
+    )
+
+
+def hf_model(layer_type="basic", **kw):
+    from transformers import DeformableDetrConfig, DeformableDetrForObjectDetection
+
+    bc = tiny_resnet(layer_type)
     cfg = DeformableDetrConfig(
         use_timm_backbone=False,
         backbone_config=bc,
