@@ -126,3 +126,16 @@ def test_train_evaluate_visualize_predict(tmp_path, capsys):
         ]
     )
     assert (tmp_path / "pred" / "000000_detections.png").exists()
+
+
+def test_demo_end_to_end_on_a_small_budget(tmp_path, capsys):
+    import json
+
+    out = tmp_path / "demo"
+    main(["demo", "-o", str(out), "--minutes", "0.02", "--train-images", "16", "--val-images", "4"])
+    printed = capsys.readouterr().out
+    assert "AP" in printed and "wrote" in printed
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert {"AP", "AP50", "AP75", "APs", "APm", "APl"} <= set(metrics)
+    for name in ("detections.png", "sampling_points.png"):
+        assert (out / name).read_bytes()[:4] == b"\x89PNG"

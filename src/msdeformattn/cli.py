@@ -152,7 +152,7 @@ def _demo(args: argparse.Namespace) -> None:
     t0 = time.perf_counter()
     if not (data / "annotations/instances_val.json").exists():
         print(f"generating the synthetic dataset in {data} ...", flush=True)
-        generate(data, seed=args.seed)
+        generate(data, num_train=args.train_images, num_val=args.val_images, seed=args.seed)
     cfg = TrainConfig(minutes=args.minutes, seed=args.seed, eval_every_epochs=2)
     metrics = train(data, output, DeformableDETRConfig.tiny(num_classes=len(CLASSES)), cfg)
     model, _, _ = load_checkpoint(output / "checkpoint.pt")
@@ -247,6 +247,8 @@ def main(argv: list[str] | None = None) -> None:
     demo_p.add_argument("--output", "-o", required=True)
     demo_p.add_argument("--minutes", type=float, default=10.0)
     demo_p.add_argument("--seed", type=int, default=0)
+    demo_p.add_argument("--train-images", type=int, default=2000)
+    demo_p.add_argument("--val-images", type=int, default=200)
     cmp_p = sub.add_parser("compare", help="deformable vs dense attention, same budget, one plot")
     cmp_p.add_argument("--output", "-o", required=True)
     cmp_p.add_argument("--minutes", type=float, default=10.0, help="per model")
