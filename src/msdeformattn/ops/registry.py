@@ -52,10 +52,15 @@ class Backend:
     REQUIRES: ClassVar[tuple[str, ...]] = ()
 
     def unavailable_reason(self) -> str | None:
-        for module in self.REQUIRES:
-            if importlib.util.find_spec(module) is None:
-                return f"needs the Python package {module!r}, which is not installed"
-        return None
+        # Looked up once per process: resolve() runs on every call of the operator.
+        if not hasattr(self, "_unavailable"):
+            missing = [m for m in self.REQUIRES if importlib.util.find_spec(m) is None]
+            self._unavailable = (
+                f"needs the Python package {missing[0]!r}, which is not installed"
+                if missing
+                else None
+            )
+        return self._unavailable
 
     def not_supported_reasons(
         self,
