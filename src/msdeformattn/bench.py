@@ -430,7 +430,7 @@ def _encoder_layer_step(which: str):
     def step_ours():
         ours(src, pos, ref, shapes, starts).sum().backward()
 
-    def step_hf():
+    def run_hf():
         out = hf(
             src,
             valid,
@@ -440,20 +440,14 @@ def _encoder_layer_step(which: str):
             spatial_shapes_list=list(COCO_LEVELS),
             level_start_index=starts,
         )
-        (out[0] if isinstance(out, tuple) else out).sum().backward()
+        return out[0] if isinstance(out, tuple) else out
+
+    def step_hf():
+        run_hf().sum().backward()
 
     with torch.no_grad():
         got = ours(src, pos, ref, shapes, starts)
-        expected = hf(
-            src,
-            valid,
-            spatial_position_embeddings=pos,
-            reference_points=ref,
-            spatial_shapes=shapes,
-            spatial_shapes_list=list(COCO_LEVELS),
-            level_start_index=starts,
-        )
-    expected = expected[0] if isinstance(expected, tuple) else expected
+        expected = run_hf()
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
     return {"msdeformattn": step_ours, "transformers": step_hf}[which]
 
