@@ -71,8 +71,10 @@ def test_backends_under_test():
         dict(N=2, Lq=3, M=2, D=3, levels=((4, 6), (2, 3), (1, 1)), P=2),
         dict(N=1, Lq=2, M=3, D=5, levels=((1, 7),), P=1),
         dict(N=3, Lq=1, M=1, D=2, levels=((5, 2), (3, 3)), P=3),
+        # The CPU kernel works on 8 float64 channels at a time: one vector and a tail.
+        dict(N=1, Lq=2, M=2, D=11, levels=((3, 4), (1, 1)), P=2),
     ],
-    ids=["3lv", "1xW-1lv-1pt", "batch3"],
+    ids=["3lv", "1xW-1lv-1pt", "batch3", "vector+tail"],
 )
 def test_gradcheck_float64(backend, shape):
     # Random points never sit exactly on a pixel position, where bilinear

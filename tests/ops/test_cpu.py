@@ -43,6 +43,20 @@ def test_both_backward_plans_match_reference(monkeypatch, threads, plan, n_threa
         torch.testing.assert_close(g, e, **TOL[torch.float32])
 
 
+@pytest.mark.parametrize(
+    "dtype, D",
+    # The kernels take 64 bytes of channels at a time (16 float32 or 8
+    # float64) and finish the rest with scalar loops: below, at and across it.
+    [(torch.float32, D) for D in (1, 15, 16, 17, 32, 40)]
+    + [(torch.float64, D) for D in (7, 8, 9, 16)],
+)
+def test_channel_counts_around_the_vector_width(dtype, D):
+    inputs = make_inputs(N=2, Lq=9, M=2, D=D, levels=((3, 5), (2, 2), (1, 1)), P=3, dtype=dtype)
+    torch.testing.assert_close(run_cpu(*inputs), run_ref(*inputs), **TOL[dtype])
+    for g, e in zip(grads(run_cpu, inputs), grads(run_ref, inputs), strict=True):
+        torch.testing.assert_close(g, e, **TOL[dtype])
+
+
 def test_plan_choice():
     # Encoder-like: many samples per pixel -> per-thread buffers.
     assert cpu._backward_plan(N=1, M=8, S=20000, Lq=20000, LP=16, threads=2) == "by_thread"
@@ -125,3 +139,28 @@ def test_indices_beyond_32_bits():
     out = msdeformattn.ms_deform_attn(value, shapes, starts, loc, attn, backend="cpu")
     torch.testing.assert_close(out[0, 0], torch.full((D,), -0.5))
     torch.testing.assert_close(out[0, 1], 0.5 * torch.arange(D, dtype=torch.float32))
+
+
+def test_kernels_import_nothing_from_the_package():
+    # numba's disk cache is keyed on the contents of _cpu_kernels.py only; a
+    # helper compiled in from another module of ours could change without
+    # invalidating the cached machine code.
+    import ast
+    from pathlib import Path
+
+    from msdeformattn.ops import _cpu_kernels
+
+    tree = ast.parse(Path(_cpu_kernels.__file__).read_text())
+    ours = [
+        n
+        for n in ast.walk(tree)
+        if isinstance(n, ast.ImportFrom)
+        and (n.level > 0 or (n.module or "").startswith("msdeformattn"))
+    ] + [
+        a.name
+        for n in ast.walk(tree)
+        if isinstance(n, ast.Import)
+        for a in n.names
+        if a.name.startswith("msdeformattn")
+    ]
+    assert ours == []

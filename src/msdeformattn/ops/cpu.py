@@ -136,7 +136,8 @@ class CpuBackend(Backend):
         )
         out = _zeros((N * Lq, M * D), dtype)
         if out.numel():
-            _kernels().forward(v, loc, attn, out.numpy(), *tables, N, M, _threads())
+            zero = np.zeros((), dtype=v.dtype)[()]
+            _kernels().forward(v, loc, attn, out.numpy(), *tables, N, M, _threads(), zero)
         return out.view(N, Lq, M * D).to(value.dtype)
 
     def backward(
@@ -159,7 +160,6 @@ class CpuBackend(Backend):
         gattn = _zeros(attn.shape, dtype)
         if gout.size:
             k = _kernels()
-            zero = np.zeros((), dtype=v.dtype)[()]
             threads = _threads()
             if _backward_plan(N, M, S, Lq, attn.shape[1] // M, threads) == "by_head":
                 k.backward_by_head(
@@ -173,7 +173,6 @@ class CpuBackend(Backend):
                     *tables,
                     N,
                     M,
-                    zero,
                 )
             else:
                 partial = _zeros((threads - 1, *v.shape), dtype)
@@ -190,7 +189,6 @@ class CpuBackend(Backend):
                     N,
                     M,
                     threads,
-                    zero,
                 )
         return cast_grads((gvalue, gloc, gattn), value, sampling_locations, attention_weights)
 
