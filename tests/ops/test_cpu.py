@@ -47,7 +47,7 @@ def test_both_backward_plans_match_reference(monkeypatch, threads, plan, n_threa
     "dtype, D",
     # The kernels take 64 bytes of channels at a time (16 float32 or 8
     # float64) and finish the rest with scalar loops: below, at and across it.
-    [(torch.float32, D) for D in (1, 15, 16, 17, 32, 40)]
+    [(torch.float32, D) for D in (1, 15, 16, 17, 32, 40, 48)]
     + [(torch.float64, D) for D in (7, 8, 9, 16)],
 )
 def test_channel_counts_around_the_vector_width(dtype, D):
@@ -164,3 +164,16 @@ def test_kernels_import_nothing_from_the_package():
         if a.name.startswith("msdeformattn")
     ]
     assert ours == []
+
+
+@pytest.mark.parametrize("populate", ["os", "refused"])
+def test_large_fresh_buffers_are_zeroed(monkeypatch, populate):
+    if populate == "refused":
+        # An advice the kernel does not know: EINVAL, as on Linux < 5.14.
+        monkeypatch.setattr(cpu, "_MADV_POPULATE_WRITE", 12345)
+    shape = (3, cpu._HUGE_PAGE_BYTES // 4)
+    z = cpu._zeros(shape, torch.float32)
+    assert z.shape == shape and z.dtype == torch.float32
+    assert not z.any()
+    z += 1  # writable
+    assert z.sum().item() == z.numel()

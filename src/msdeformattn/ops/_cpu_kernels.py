@@ -134,8 +134,10 @@ def _cols(builder, ary):
 def _head_sum(typingctx, value, rows, wts, lo, hi, out, i, col):
     """out[i, col + c] = sum over s in [lo, hi), k < 4 of wts[k, s] * value[rows[k, s], c].
 
-    For the vector part of the channels. One accumulator
-    per corner keeps four independent FMA chains in flight.
+    For the vector part of the channels, two vectors per pass over the
+    samples (D = 32 float32 in one pass) and one accumulator per corner and
+    vector: eight independent FMA chains, each sample's rows and weights
+    loaded once.
     """
     _require_c("head_sum", value, rows, wts, out)
     sig = types.void(value, rows, wts, types.intp, types.intp, out, types.intp, types.intp)
@@ -147,23 +149,32 @@ def _head_sum(typingctx, value, rows, wts, lo, hi, out, i, col):
         D = _cols(builder, va)
         MLP = _cols(builder, ra)
         obase = builder.add(builder.mul(i, _cols(builder, oa)), col)
-        accs = [cgutils.alloca_once(builder, e.vec) for _ in range(4)]
-        with cgutils.for_range(builder, builder.sdiv(D, intp(e.width))) as chunk:
-            off = builder.mul(chunk.index, intp(e.width))
-            for acc in accs:
+        accs = [[cgutils.alloca_once(builder, e.vec) for _ in range(4)] for _ in range(2)]
+
+        def block(off, nvec):
+            """Channels off .. off + nvec * width, over all the samples."""
+            for acc in accs[0][:] + accs[1][:]:
                 builder.store(e.zero(), acc)
             with cgutils.for_range_slice(builder, lo, hi, intp(1)) as (s, _):
-                for k, acc in enumerate(accs):
+                for k in range(4):
                     idx = builder.add(builder.mul(intp(k), MLP), s)
                     r = builder.load(builder.gep(ra.data, [idx]))
-                    w = builder.load(builder.gep(wa.data, [idx]))
-                    v = e.load(va.data, builder.add(builder.mul(r, D), off))
-                    builder.store(e.fma(e.splat(w), v, builder.load(acc)), acc)
-            total = builder.fadd(
-                builder.fadd(builder.load(accs[0]), builder.load(accs[1])),
-                builder.fadd(builder.load(accs[2]), builder.load(accs[3])),
-            )
-            e.store(total, oa.data, builder.add(obase, off))
+                    w = e.splat(builder.load(builder.gep(wa.data, [idx])))
+                    at = builder.add(builder.mul(r, D), off)
+                    for j in range(nvec):
+                        v = e.load(va.data, builder.add(at, intp(j * e.width)))
+                        builder.store(e.fma(w, v, builder.load(accs[j][k])), accs[j][k])
+            for j in range(nvec):
+                a = [builder.load(acc) for acc in accs[j]]
+                total = builder.fadd(builder.fadd(a[0], a[1]), builder.fadd(a[2], a[3]))
+                e.store(total, oa.data, builder.add(obase, builder.add(off, intp(j * e.width))))
+
+        nvec = builder.sdiv(D, intp(e.width))
+        with cgutils.for_range(builder, builder.sdiv(nvec, intp(2))) as pair:
+            block(builder.mul(pair.index, intp(2 * e.width)), 2)
+        odd = builder.icmp_signed("!=", builder.srem(nvec, intp(2)), intp(0))
+        with builder.if_then(odd):
+            block(builder.mul(builder.sub(nvec, intp(1)), intp(e.width)), 1)
         return context.get_dummy_value()
 
     return sig, codegen
@@ -429,16 +440,27 @@ def backward_by_head(value, loc, attn, gout, gvalue, gloc, gattn, whf, whi, offs
     for task in prange(N * M):
         n = task // M
         m = task - n * M
-        rows = np.empty((4, MLP), np.int64)
-        wts = np.empty((4, MLP), value.dtype)
+        # Two sets of corner tables: the next query's rows are computed and
+        # prefetched while the current query runs (decoder rows are scattered
+        # over all of value and grad_value, and miss every cache).
+        rows = np.empty((2, 4, MLP), np.int64)
+        wts = np.empty((2, 4, MLP), value.dtype)
         go = np.empty(D, value.dtype)
         dots = np.empty((4, MLP), value.dtype)
         lo = m * LP
         hi = lo + LP
+        base = n * S * M
+        if Lq > 0:
+            _corners(loc, attn, n * Lq, lo, hi, base, M, whf, whi, offset, rows[0], wts[0])
         for q in range(Lq):
             i = n * Lq + q
-            _corners(loc, attn, i, lo, hi, n * S * M, M, whf, whi, offset, rows, wts)
-            _head_grads(value, gout, gvalue, i, m, lo, hi, rows, wts, go, dots)
+            cur = q % 2
+            if q + 1 < Lq:
+                nxt = 1 - cur
+                _corners(loc, attn, i + 1, lo, hi, base, M, whf, whi, offset, rows[nxt], wts[nxt])
+                _prefetch_slots(value, rows[nxt], lo, hi)
+                _prefetch_slots_for_write(gvalue, rows[nxt], lo, hi)
+            _head_grads(value, gout, gvalue, i, m, lo, hi, rows[cur], wts[cur], go, dots)
             _location_and_weight_grads(loc, attn, i, lo, hi, whf, whi, dots, gloc, gattn)
 
 
