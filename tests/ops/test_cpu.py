@@ -171,9 +171,27 @@ def test_large_fresh_buffers_are_zeroed(monkeypatch, populate):
     if populate == "refused":
         # An advice the kernel does not know: EINVAL, as on Linux < 5.14.
         monkeypatch.setattr(cpu, "_MADV_POPULATE_WRITE", 12345)
-    shape = (3, cpu._HUGE_PAGE_BYTES // 4)
-    z = cpu._zeros(shape, torch.float32)
+    shape = (3, cpu._FRESH_MAPPING_BYTES // 4)
+    z = cpu._buffer(shape, torch.float32)
     assert z.shape == shape and z.dtype == torch.float32
     assert not z.any()
     z += 1  # writable
     assert z.sum().item() == z.numel()
+
+
+@pytest.mark.parametrize("plan", ["by_head", "by_thread"])
+def test_kernels_write_every_element_of_uninitialised_buffers(monkeypatch, plan):
+    # The output, grad_loc and grad_attn are allocated without zeroing: fill
+    # them with NaN to show that the kernels overwrite every element.
+    real = cpu._buffer
+
+    def poisoned(shape, dtype, zero=True):
+        t = real(shape, dtype, zero)
+        return t if zero else t.fill_(float("nan"))
+
+    monkeypatch.setattr(cpu, "_buffer", poisoned)
+    monkeypatch.setattr(cpu, "_backward_plan", lambda *args: plan)
+    inputs = make_inputs(N=2, Lq=7, M=3, D=19, P=2, dtype=torch.float32)
+    torch.testing.assert_close(run_cpu(*inputs), run_ref(*inputs), **TOL[torch.float32])
+    for g, e in zip(grads(run_cpu, inputs), grads(run_ref, inputs), strict=True):
+        torch.testing.assert_close(g, e, **TOL[torch.float32])

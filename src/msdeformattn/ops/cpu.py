@@ -41,30 +41,33 @@ def _threads() -> int:
     return n
 
 
-# Above this size, fresh buffers come from huge pages (see _zeros).
-_HUGE_PAGE_BYTES = 4 << 20
+# glibc serves blocks up to its mmap threshold from the heap, and raises the
+# threshold (up to 32 MiB on 64-bit) to the size of mmap-ed blocks freed:
+# below it, an output or gradient of the same size as the last call's reuses
+# memory already faulted in. Above it, every block is a fresh mapping.
+_FRESH_MAPPING_BYTES = 32 << 20
 # Linux's value (5.14 on); not every Python names it in its mmap module.
 _MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)
 
 
-def _zeros(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-    """A zeroed CPU tensor; large ones on transparent huge pages, faulted in by the kernel.
+def _buffer(shape: tuple[int, ...], dtype: torch.dtype, zero: bool = True) -> torch.Tensor:
+    """A CPU tensor for a kernel to fill: zeroed, or (zero=False) to be overwritten whole.
 
-    Outputs and gradients are fresh memory on every call, and for the tens of
-    MB of an encoder the page faults of first touch cost more than the kernel
-    itself (glibc maps blocks over 32 MB anew each time). An anonymous mapping
-    advised MADV_HUGEPAGE reads as zeros; MADV_POPULATE_WRITE (Linux 5.14)
-    then has the OS fault it all in at once. Measured here, 20 MB: populate
-    ~1 ms; writing zeros from PyTorch 10-23 ms; first touches by the kernel
-    ~23 ms. Where populate is refused, zeros are written as before. The
-    mapping is unmapped when the tensor is freed.
+    Blocks glibc would map afresh (over 32 MiB) come from an anonymous
+    mapping on transparent huge pages that the OS faults in at once
+    (MADV_POPULATE_WRITE); such a mapping reads as zeros either way. On 4 KiB
+    pages the first touches of a 41 MB gradient cost ~10-20 ms, more than the
+    kernel; populated huge pages ~2 ms. Smaller blocks are left to PyTorch's
+    allocator: measured here, reusing heap memory beat fresh huge pages by
+    ~6 ms in the encoder backward. The mapping is unmapped when the tensor is
+    freed; where populate is refused, zeros are written instead.
     """
     numel = 1
     for s in shape:
         numel *= s
     nbytes = numel * dtype.itemsize
-    if nbytes < _HUGE_PAGE_BYTES or not hasattr(mmap, "MADV_HUGEPAGE"):
-        return torch.zeros(shape, dtype=dtype)
+    if nbytes <= _FRESH_MAPPING_BYTES or not hasattr(mmap, "MADV_HUGEPAGE"):
+        return torch.zeros(shape, dtype=dtype) if zero else torch.empty(shape, dtype=dtype)
     buf = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     buf.madvise(mmap.MADV_HUGEPAGE)
     out = torch.frombuffer(buf, dtype=dtype).view(shape)
@@ -140,7 +143,8 @@ class CpuBackend(Backend):
         dtype, v, loc, attn, tables = _prepare(
             value, spatial_shapes, level_start_index, sampling_locations, attention_weights
         )
-        out = _zeros((N * Lq, M * D), dtype)
+        # Every element is written by the kernel.
+        out = _buffer((N * Lq, M * D), dtype, zero=False)
         if out.numel():
             zero = np.zeros((), dtype=v.dtype)[()]
             _kernels().forward(v, loc, attn, out.numpy(), *tables, N, M, _threads(), zero)
@@ -161,9 +165,10 @@ class CpuBackend(Backend):
             value, spatial_shapes, level_start_index, sampling_locations, attention_weights
         )
         gout = grad_output.detach().to(dtype).contiguous().view(N * Lq, M * D).numpy()
-        gvalue = _zeros(v.shape, dtype)
-        gloc = _zeros(loc.shape, dtype)
-        gattn = _zeros(attn.shape, dtype)
+        gvalue = _buffer(v.shape, dtype)
+        # Every element of these two is written by the kernels.
+        gloc = _buffer(loc.shape, dtype, zero=False)
+        gattn = _buffer(attn.shape, dtype, zero=False)
         if gout.size:
             k = _kernels()
             threads = _threads()
@@ -181,7 +186,7 @@ class CpuBackend(Backend):
                     M,
                 )
             else:
-                partial = _zeros((threads - 1, *v.shape), dtype)
+                partial = _buffer((threads - 1, *v.shape), dtype)
                 k.backward_by_thread(
                     v,
                     loc,
