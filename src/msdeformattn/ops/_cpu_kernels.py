@@ -61,10 +61,15 @@ VECTOR_BYTES = 64
 _CACHE_LINE = 64
 
 
-def _require_c(name, *arrays):
-    for a in arrays:
+def _require(name, rows, *floats):
+    """C-contiguous 2-D arrays of rows (int64) and of one float dtype, or a typing error."""
+    for a in (rows, *floats):
         if not isinstance(a, types.Array) or a.layout != "C":
             raise TypingError(f"{name}: C-contiguous arrays required, got {a}")
+    if rows.dtype != types.int64 or rows.ndim != 2:
+        raise TypingError(f"{name}: rows must be 2-D int64, got {rows}")
+    if len({a.dtype for a in floats}) != 1 or floats[0].dtype not in types.real_domain:
+        raise TypingError(f"{name}: float arrays of one dtype required, got {floats}")
 
 
 class _Emitter:
@@ -139,7 +144,7 @@ def _head_sum(typingctx, value, rows, wts, lo, hi, out, i, col):
     vector: eight independent FMA chains, each sample's rows and weights
     loaded once.
     """
-    _require_c("head_sum", value, rows, wts, out)
+    _require("head_sum", rows, value, wts, out)
     sig = types.void(value, rows, wts, types.intp, types.intp, out, types.intp, types.intp)
 
     def codegen(context, builder, sig, args):
@@ -190,7 +195,7 @@ def _head_backward(typingctx, value, gvalue, go, rows, wts, dots, lo, hi):
     The corners are updated one after another, so coinciding rows (clamped
     corners) accumulate correctly.
     """
-    _require_c("head_backward", value, gvalue, go, rows, wts, dots)
+    _require("head_backward", rows, value, gvalue, go, wts, dots)
     sig = types.void(value, gvalue, go, rows, wts, dots, types.intp, types.intp)
 
     def codegen(context, builder, sig, args):
