@@ -47,7 +47,7 @@ def test_both_backward_plans_match_reference(monkeypatch, threads, plan, n_threa
     "dtype, D",
     # The kernels take 64 bytes of channels at a time (16 float32 or 8
     # float64) and finish the rest with scalar loops: below, at and across it.
-    [(torch.float32, D) for D in (1, 15, 16, 17, 32, 40, 48)]
+    [(torch.float32, D) for D in (1, 15, 16, 17, 32, 40, 48, 130)]
     + [(torch.float64, D) for D in (7, 8, 9, 16)],
 )
 def test_channel_counts_around_the_vector_width(dtype, D):
