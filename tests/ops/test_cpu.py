@@ -50,11 +50,43 @@ def test_both_backward_plans_match_reference(monkeypatch, threads, plan, n_threa
     [(torch.float32, D) for D in (1, 15, 16, 17, 32, 40, 48, 130)]
     + [(torch.float64, D) for D in (7, 8, 9, 16)],
 )
-def test_channel_counts_around_the_vector_width(dtype, D):
+@pytest.mark.parametrize("plan", ["by_head", "by_thread"])
+def test_channel_counts_around_the_vector_width(monkeypatch, threads, plan, dtype, D):
+    threads(2)
+    monkeypatch.setattr(cpu, "_backward_plan", lambda *args: plan)
     inputs = make_inputs(N=2, Lq=9, M=2, D=D, levels=((3, 5), (2, 2), (1, 1)), P=3, dtype=dtype)
     torch.testing.assert_close(run_cpu(*inputs), run_ref(*inputs), **TOL[dtype])
     for g, e in zip(grads(run_cpu, inputs), grads(run_ref, inputs), strict=True):
         torch.testing.assert_close(g, e, **TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_points_a_few_ulps_from_pixel_centres(dtype):
+    """The backward works out each sample's pixel twice (rows, then the
+    location and weight gradients); both must agree where floor() is closest
+    to flipping. grad_attn is continuous there, so the reference is an oracle."""
+    levels = ((5, 7), (3, 2), (1, 1))
+    value, shapes, starts, loc, attn = make_inputs(
+        N=1, Lq=40, M=2, D=17, levels=levels, P=3, dtype=dtype
+    )
+    g = torch.Generator().manual_seed(5)
+    for l, (H, W) in enumerate(levels):
+        for c, size in ((0, W), (1, H)):
+            shape = loc[:, :, :, l, :, c].shape
+            # loc * size - 0.5 is an integer at a pixel centre: floor() flips there.
+            x = ((torch.randint(0, size, shape, generator=g) + 0.5) / size).to(dtype)
+            towards = torch.where(torch.rand(shape, generator=g) < 0.5, -1.0, 2.0).to(dtype)
+            for _ in range(3):  # 0 to 3 ulps either side
+                step = torch.rand(shape, generator=g) < 0.6
+                x = torch.where(step, torch.nextafter(x, towards), x)
+            loc[:, :, :, l, :, c] = x
+    inputs = (value, shapes, starts, loc, attn)
+    torch.testing.assert_close(run_cpu(*inputs), run_ref(*inputs), **TOL[dtype])
+    cpu_grads = grads(run_cpu, inputs)
+    ref_grads = grads(run_ref, inputs)
+    # grad_attn (last) and grad_value; grad_loc has a kink exactly there.
+    for i in (1, 3):
+        torch.testing.assert_close(cpu_grads[i], ref_grads[i], **TOL[dtype])
 
 
 def test_plan_choice():
@@ -179,8 +211,9 @@ def test_large_fresh_buffers_are_zeroed(monkeypatch, populate):
     assert z.sum().item() == z.numel()
 
 
+@pytest.mark.parametrize("D", [19, 0])
 @pytest.mark.parametrize("plan", ["by_head", "by_thread"])
-def test_kernels_write_every_element_of_uninitialised_buffers(monkeypatch, plan):
+def test_kernels_write_every_element_of_uninitialised_buffers(monkeypatch, plan, D):
     # The output, grad_loc and grad_attn are allocated without zeroing: fill
     # them with NaN to show that the kernels overwrite every element.
     real = cpu._buffer
@@ -191,7 +224,20 @@ def test_kernels_write_every_element_of_uninitialised_buffers(monkeypatch, plan)
 
     monkeypatch.setattr(cpu, "_buffer", poisoned)
     monkeypatch.setattr(cpu, "_backward_plan", lambda *args: plan)
-    inputs = make_inputs(N=2, Lq=7, M=3, D=19, P=2, dtype=torch.float32)
+    inputs = make_inputs(N=2, Lq=7, M=3, D=D, P=2, dtype=torch.float32)
     torch.testing.assert_close(run_cpu(*inputs), run_ref(*inputs), **TOL[torch.float32])
     for g, e in zip(grads(run_cpu, inputs), grads(run_ref, inputs), strict=True):
         torch.testing.assert_close(g, e, **TOL[torch.float32])
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="mprotect guard pages via libc")
+def test_kernels_stay_inside_their_arrays():
+    """Every kernel array flush against an inaccessible page, random shapes and
+    NaN/inf/huge/edge locations: any read or write past an end is a SIGSEGV."""
+    script = Path(__file__).with_name("_guarded_kernels.py")
+    root = Path(__file__).resolve().parents[2]
+    out = subprocess.run(
+        [sys.executable, str(script), "60", "0"], capture_output=True, text=True, cwd=root
+    )
+    assert out.returncode == 0, (out.returncode, out.stderr[-2000:])
+    assert out.stdout.split() == ["ok", "60"]

@@ -21,10 +21,15 @@ Why the kernels look the way they do (measured on the 2-core target):
 - the next head's corner rows are prefetched while the current head runs;
 - no ``numba.get_num_threads()`` or closures inside kernels: either disables
   the on-disk cache. The thread count comes in as an argument;
-- large zeroed buffers are allocated by the caller (torch), not in numba;
+- large buffers are allocated by the caller (torch), not in numba;
 - ``fastmath`` without ``nnan``/``ninf``: the NaN checks on locations must stay;
 - everything compiled into the kernels is defined in this file: numba's disk
-  cache is keyed on this file's contents alone.
+  cache is keyed on this file alone (its contents in numba 0.68, its mtime and
+  size before);
+- no ``contract`` or ``reassoc`` in ``fastmath``: the backward computes each
+  sample's geometry twice (see _location_and_weight_grads) and both must round
+  alike, vectorised or not, or floor() could pick another pixel. The channel
+  loops fuse their multiply-adds explicitly (llvm.fmuladd).
 """
 
 from __future__ import annotations
@@ -36,7 +41,7 @@ from numba.core import cgutils
 from numba.core.errors import TypingError
 from numba.extending import intrinsic
 
-_FASTMATH = {"nsz", "arcp", "contract", "afn", "reassoc"}
+_FASTMATH = {"nsz", "arcp", "afn"}
 
 
 # --- Hand-written LLVM for the innermost loops -------------------------------
@@ -52,8 +57,8 @@ _FASTMATH = {"nsz", "arcp", "contract", "afn", "reassoc"}
 # They cover the first D - D % (VECTOR_BYTES // itemsize) channels; the
 # kernels finish the rest with plain loops. Every row they read comes from the
 # clamped ``rows`` table. They live in this file because numba's disk cache
-# is keyed on the contents of the file that defines the kernels only: code
-# compiled in from another module would not invalidate it when it changes.
+# is keyed on the file that defines the kernels only: code compiled in from
+# another module would not invalidate it when it changes.
 
 _I32 = ir.IntType(32)
 # Bytes per vector: 16 float32 or 8 float64 channels.
@@ -61,8 +66,12 @@ VECTOR_BYTES = 64
 _CACHE_LINE = 64
 
 
-def _require(name, rows, *floats):
-    """C-contiguous 2-D arrays of rows (int64) and of one float dtype, or a typing error."""
+def _require(name, rows, floats, ndims):
+    """C-contiguous arrays: rows 2-D int64, floats of one float dtype and the given ndims.
+
+    Typing only; the shapes are the callers' contract: value, out and gvalue
+    (R, D)-like with rows < R, wts like rows, go at least D long.
+    """
     for a in (rows, *floats):
         if not isinstance(a, types.Array) or a.layout != "C":
             raise TypingError(f"{name}: C-contiguous arrays required, got {a}")
@@ -70,6 +79,8 @@ def _require(name, rows, *floats):
         raise TypingError(f"{name}: rows must be 2-D int64, got {rows}")
     if len({a.dtype for a in floats}) != 1 or floats[0].dtype not in types.real_domain:
         raise TypingError(f"{name}: float arrays of one dtype required, got {floats}")
+    if tuple(a.ndim for a in floats) != ndims:
+        raise TypingError(f"{name}: arrays of {ndims} dimensions required, got {floats}")
 
 
 class _Emitter:
@@ -144,7 +155,7 @@ def _head_sum(typingctx, value, rows, wts, lo, hi, out, i, col):
     vector: eight independent FMA chains, each sample's rows and weights
     loaded once.
     """
-    _require("head_sum", rows, value, wts, out)
+    _require("head_sum", rows, (value, wts, out), (2, 2, 2))
     sig = types.void(value, rows, wts, types.intp, types.intp, out, types.intp, types.intp)
 
     def codegen(context, builder, sig, args):
@@ -195,7 +206,7 @@ def _head_backward(typingctx, value, gvalue, go, rows, wts, dots, lo, hi):
     The corners are updated one after another, so coinciding rows (clamped
     corners) accumulate correctly.
     """
-    _require("head_backward", rows, value, gvalue, go, wts, dots)
+    _require("head_backward", rows, (value, gvalue, go, wts, dots), (2, 2, 1, 2, 2))
     sig = types.void(value, gvalue, go, rows, wts, dots, types.intp, types.intp)
 
     def codegen(context, builder, sig, args):
@@ -360,7 +371,8 @@ def _location_and_weight_grads(loc, attn, i, lo, hi, whf, whi, dots, gloc, gattn
 
 @njit(cache=True, inline="always")
 def _prefetch_slots(value, rows, lo, hi):
-    """Every cache line of the corner rows of slots lo..hi."""
+    """The corner rows of slots lo..hi, one prefetch per 64 bytes from each row's start
+    (every line of rows aligned to 64 bytes, as D = 16k float32 rows are)."""
     step = _CACHE_LINE // value.itemsize
     for s in range(lo, hi):
         for k in range(4):

@@ -12,6 +12,7 @@ so later processes load them in well under a second.
 
 from __future__ import annotations
 
+import contextlib
 import mmap
 
 import numpy as np
@@ -69,8 +70,10 @@ def _buffer(shape: tuple[int, ...], dtype: torch.dtype, zero: bool = True) -> to
     if nbytes <= _FRESH_MAPPING_BYTES or not hasattr(mmap, "MADV_HUGEPAGE"):
         return torch.zeros(shape, dtype=dtype) if zero else torch.empty(shape, dtype=dtype)
     buf = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    buf.madvise(mmap.MADV_HUGEPAGE)
     out = torch.frombuffer(buf, dtype=dtype).view(shape)
+    # Refused by kernels built without transparent huge pages: 4 KiB pages then.
+    with contextlib.suppress(OSError):
+        buf.madvise(mmap.MADV_HUGEPAGE)
     try:
         buf.madvise(_MADV_POPULATE_WRITE)
     except OSError:
@@ -166,10 +169,11 @@ class CpuBackend(Backend):
         )
         gout = grad_output.detach().to(dtype).contiguous().view(N * Lq, M * D).numpy()
         gvalue = _buffer(v.shape, dtype)
-        # Every element of these two is written by the kernels.
+        # Every element of these two is written by the kernels, which run
+        # whenever there is a sample (D = 0 included: zero gradients).
         gloc = _buffer(loc.shape, dtype, zero=False)
         gattn = _buffer(attn.shape, dtype, zero=False)
-        if gout.size:
+        if attn.size:
             k = _kernels()
             threads = _threads()
             if _backward_plan(N, M, S, Lq, attn.shape[1] // M, threads) == "by_head":
