@@ -66,7 +66,9 @@ def run_case(rng: np.random.Generator) -> None:
     loc = like(loc)
     attn = like(rng.random((N * Lq, M * L * P)))
     gout = like(rng.standard_normal((N * Lq, M * D)))
-    tables = K.level_tables(shapes, starts, M, P, dtype)
+    order = K.query_order(loc, N, int(rng.integers(0, 4)))
+    assert sorted(order) == list(range(N * Lq))
+    tables = (*K.level_tables(shapes, starts, M, P, dtype), order)
     threads = int(rng.integers(1, 3))
 
     out = guarded((N * Lq, M * D), dtype, at_end, np.nan)

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import numba
+import numpy as np
 import pytest
 import torch
 
@@ -241,3 +242,23 @@ def test_kernels_stay_inside_their_arrays():
     )
     assert out.returncode == 0, (out.returncode, out.stderr[-2000:])
     assert out.stdout.split() == ["ok", "60"]
+
+
+def test_query_order_is_a_stable_tile_order_per_image():
+    from msdeformattn.ops import _cpu_kernels as k
+
+    nan = float("nan")
+    # First sample (x, y) of each query; 2 images x 5 queries, 2 x 2 tiles.
+    first = [
+        [(0.9, 0.9), (0.1, 0.1), (0.6, 0.2), (0.2, 0.7), (0.3, 0.3)],
+        [(nan, 0.9), (0.7, 0.8), (2.0, -1.0), (0.1, 0.1), (0.4, 0.6)],
+    ]
+    loc = np.zeros((10, 6), np.float32)
+    loc[:, :2] = np.array(first, np.float32).reshape(10, 2)
+    order = k.query_order(loc, 2, 1).tolist()
+    # Z-order: top-left, top-right, bottom-left, bottom-right; stable within
+    # a tile; NaN counts as 0 and far outside as the nearest tile.
+    assert order[:5] == [1, 4, 2, 3, 0] and order[5:] == [8, 7, 5, 9, 6]
+    assert k.query_order(loc, 2, 0).tolist() == list(range(10))
+    # No samples at all (P = 0): the identity, reading nothing.
+    assert k.query_order(np.zeros((3, 0), np.float32), 1, 2).tolist() == [0, 1, 2]

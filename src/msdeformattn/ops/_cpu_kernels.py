@@ -18,7 +18,9 @@ Why the kernels look the way they do (measured on the 2-core target):
   one D loop handles all four corners of a sample without branches;
 - the loops over the channels are written in LLVM IR (below): numba's own
   cost ~100 instructions of checks per sample, ~1.5x of the forward;
-- the next head's corner rows are prefetched while the current head runs;
+- queries run tile by tile over the image (query_order), so the rows a tile
+  reads and adds to stay in the cache; prefetching by hand then only costs,
+  except in the decoder backward, whose rows are scattered;
 - no ``numba.get_num_threads()`` or closures inside kernels: either disables
   the on-disk cache. The thread count comes in as an argument;
 - large buffers are allocated by the caller (torch), not in numba;
@@ -283,6 +285,44 @@ def level_tables(shapes, starts, M, P, dtype):
     return whf, whi, offset
 
 
+@njit(cache=True)
+def query_order(loc, N, bits):
+    """The query rows, image by image, in Z-order of 2**bits x 2**bits tiles.
+
+    A query's tile is where its first sample lies (NaN or outside: the
+    nearest tile); within a tile the original order is kept (a counting
+    sort, stable, O(N*Lq + 4**bits)). Queries near each other in the image
+    sample rows near each other, so working through them tile by tile keeps
+    the rows they read and add to in the cache.
+    """
+    NQ = loc.shape[0]
+    if loc.shape[1] < 2:  # no samples (M, L or P is 0): nothing to sort by
+        return np.arange(NQ)
+    Lq = NQ // N
+    side = 1 << bits
+    cells = side * side
+    keys = np.empty(NQ, np.int64)
+    starts = np.zeros(N * cells + 1, np.int64)
+    for i in range(NQ):
+        x = loc[i, 0] * side
+        y = loc[i, 1] * side
+        # Comparisons are False for NaN: such a query goes to tile 0.
+        tx = 0 if not x >= 0 else (side - 1 if x >= side - 1 else int(x))
+        ty = 0 if not y >= 0 else (side - 1 if y >= side - 1 else int(y))
+        z = 0
+        for b in range(bits):
+            z |= ((tx >> b) & 1) << (2 * b) | ((ty >> b) & 1) << (2 * b + 1)
+        keys[i] = (i // Lq) * cells + z
+        starts[keys[i] + 1] += 1
+    for c in range(N * cells):
+        starts[c + 1] += starts[c]
+    order = np.empty(NQ, np.int64)
+    for i in range(NQ):
+        order[starts[keys[i]]] = i
+        starts[keys[i]] += 1
+    return order
+
+
 @njit(cache=True, fastmath=_FASTMATH, inline="always")
 def _geometry(loc, attn, i, s, whf, whi):
     """Bilinear geometry of slot s of query row i.
@@ -390,7 +430,7 @@ def _prefetch_slots_for_write(gvalue, rows, lo, hi):
 
 
 @njit(parallel=True, cache=True, fastmath=_FASTMATH)
-def forward(value, loc, attn, out, whf, whi, offset, N, M, nthreads, zero):
+def forward(value, loc, attn, out, whf, whi, offset, order, N, M, nthreads, zero):
     """out[i, m*D + d] = sum over the slots of head m of a * bilinear(value)[d]."""
     D = value.shape[1]
     MLP = attn.shape[1]
@@ -403,13 +443,11 @@ def forward(value, loc, attn, out, whf, whi, offset, N, M, nthreads, zero):
     for t in prange(nthreads):
         rows = np.empty((4, MLP), np.int64)
         wts = np.empty((4, MLP), value.dtype)
-        for i in range(t * chunk, min(NQ, (t + 1) * chunk)):
+        for j in range(t * chunk, min(NQ, (t + 1) * chunk)):
+            i = order[j]
             base = (i // Lq) * S * M
             _corners(loc, attn, i, 0, MLP, base, M, whf, whi, offset, rows, wts)
-            _prefetch_slots(value, rows, 0, LP)
             for m in range(M):
-                if m + 1 < M:
-                    _prefetch_slots(value, rows, (m + 1) * LP, (m + 2) * LP)
                 _head_sum(value, rows, wts, m * LP, (m + 1) * LP, out, i, m * D)
                 # The channels past the last whole vector.
                 for d in range(D0, D):
@@ -442,12 +480,12 @@ def _head_grads(value, gout, gvalue, i, m, lo, hi, rows, wts, go, dots):
 
 
 @njit(parallel=True, cache=True, fastmath=_FASTMATH)
-def backward_by_head(value, loc, attn, gout, gvalue, gloc, gattn, whf, whi, offset, N, M):
+def backward_by_head(value, loc, attn, gout, gvalue, gloc, gattn, whf, whi, offset, order, N, M):
     """Backward with one task per (batch, head): each owns its slice of grad_value.
 
     No buffer and no reduction; every grad_value row accumulates its queries
-    in order, so the result is the same whatever the thread count. Best when
-    N*M is large against the thread count.
+    in ``order``, so the result is the same whatever the thread count. Best
+    when N*M is large against the thread count.
     """
     D = value.shape[1]
     MLP = attn.shape[1]
@@ -467,14 +505,17 @@ def backward_by_head(value, loc, attn, gout, gvalue, gloc, gattn, whf, whi, offs
         lo = m * LP
         hi = lo + LP
         base = n * S * M
+        first = n * Lq
         if Lq > 0:
-            _corners(loc, attn, n * Lq, lo, hi, base, M, whf, whi, offset, rows[0], wts[0])
+            i = order[first]
+            _corners(loc, attn, i, lo, hi, base, M, whf, whi, offset, rows[0], wts[0])
         for q in range(Lq):
-            i = n * Lq + q
+            i = order[first + q]
             cur = q % 2
             if q + 1 < Lq:
                 nxt = 1 - cur
-                _corners(loc, attn, i + 1, lo, hi, base, M, whf, whi, offset, rows[nxt], wts[nxt])
+                j = order[first + q + 1]
+                _corners(loc, attn, j, lo, hi, base, M, whf, whi, offset, rows[nxt], wts[nxt])
                 _prefetch_slots(value, rows[nxt], lo, hi)
                 _prefetch_slots_for_write(gvalue, rows[nxt], lo, hi)
             _head_grads(value, gout, gvalue, i, m, lo, hi, rows[cur], wts[cur], go, dots)
@@ -483,7 +524,7 @@ def backward_by_head(value, loc, attn, gout, gvalue, gloc, gattn, whf, whi, offs
 
 @njit(cache=True, fastmath=_FASTMATH)
 def _backward_queries(
-    value, loc, attn, gout, target, gloc, gattn, whf, whi, offset, qlo, qhi, N, M
+    value, loc, attn, gout, target, gloc, gattn, whf, whi, offset, order, qlo, qhi, N, M
 ):
     D = value.shape[1]
     MLP = attn.shape[1]
@@ -494,25 +535,21 @@ def _backward_queries(
     wts = np.empty((4, MLP), value.dtype)
     go = np.empty(D, value.dtype)
     dots = np.empty((4, MLP), value.dtype)
-    for i in range(qlo, qhi):
+    for j in range(qlo, qhi):
+        i = order[j]
         _corners(loc, attn, i, 0, MLP, (i // Lq) * S * M, M, whf, whi, offset, rows, wts)
-        _prefetch_slots(value, rows, 0, LP)
-        _prefetch_slots_for_write(target, rows, 0, LP)
         for m in range(M):
-            if m + 1 < M:
-                _prefetch_slots(value, rows, (m + 1) * LP, (m + 2) * LP)
-                _prefetch_slots_for_write(target, rows, (m + 1) * LP, (m + 2) * LP)
             _head_grads(value, gout, target, i, m, m * LP, (m + 1) * LP, rows, wts, go, dots)
         _location_and_weight_grads(loc, attn, i, 0, MLP, whf, whi, dots, gloc, gattn)
 
 
 @njit(parallel=True, cache=True, fastmath=_FASTMATH)
 def backward_by_thread(
-    value, loc, attn, gout, gvalue, partial, gloc, gattn, whf, whi, offset, N, M, nthreads
+    value, loc, attn, gout, gvalue, partial, gloc, gattn, whf, whi, offset, order, N, M, nthreads
 ):
     """Backward with one contiguous range of queries per thread.
 
-    Thread 0 accumulates grad_value into gvalue, thread t > 0 into its own
+    Queries in ``order``; thread 0 accumulates grad_value into gvalue, thread t > 0 into its own
     zeroed buffer partial[t - 1]; the buffers are then added in thread order,
     so the result is bitwise deterministic for a given thread count. Best when
     N*M is small against the thread count (one image, many threads).
@@ -524,7 +561,7 @@ def backward_by_thread(
         hi = min(NQ, lo + chunk)
         if t == 0:
             _backward_queries(
-                value, loc, attn, gout, gvalue, gloc, gattn, whf, whi, offset, lo, hi, N, M
+                value, loc, attn, gout, gvalue, gloc, gattn, whf, whi, offset, order, lo, hi, N, M
             )
         else:
             _backward_queries(
@@ -538,6 +575,7 @@ def backward_by_thread(
                 whf,
                 whi,
                 offset,
+                order,
                 lo,
                 hi,
                 N,

