@@ -238,10 +238,10 @@ def test_kernels_stay_inside_their_arrays():
     script = Path(__file__).with_name("_guarded_kernels.py")
     root = Path(__file__).resolve().parents[2]
     out = subprocess.run(
-        [sys.executable, str(script), "60", "0"], capture_output=True, text=True, cwd=root
+        [sys.executable, str(script), "300", "0"], capture_output=True, text=True, cwd=root
     )
     assert out.returncode == 0, (out.returncode, out.stderr[-2000:])
-    assert out.stdout.split() == ["ok", "60"]
+    assert out.stdout.split() == ["ok", "300"]
 
 
 def test_query_order_is_a_stable_tile_order_per_image():
