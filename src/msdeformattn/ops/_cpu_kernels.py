@@ -410,22 +410,17 @@ def _location_and_weight_grads(loc, attn, i, lo, hi, whf, whi, dots, gloc, gattn
 
 
 @njit(cache=True, inline="always")
-def _prefetch_slots(value, rows, lo, hi):
-    """The corner rows of slots lo..hi, one prefetch per 64 bytes from each row's start
-    (every line of rows aligned to 64 bytes, as D = 16k float32 rows are)."""
+def _prefetch_slots(value, gvalue, rows, lo, hi):
+    """The corner rows of slots lo..hi in value (to read) and gvalue (to write).
+
+    One prefetch per 64 bytes from each row's start: every line of rows
+    aligned to 64 bytes, as rows of D = 16k float32 are.
+    """
     step = _CACHE_LINE // value.itemsize
     for s in range(lo, hi):
         for k in range(4):
             for c in range(0, value.shape[1], step):
                 _prefetch(value, rows[k, s], c)
-
-
-@njit(cache=True, inline="always")
-def _prefetch_slots_for_write(gvalue, rows, lo, hi):
-    step = _CACHE_LINE // gvalue.itemsize
-    for s in range(lo, hi):
-        for k in range(4):
-            for c in range(0, gvalue.shape[1], step):
                 _prefetch_for_write(gvalue, rows[k, s], c)
 
 
@@ -516,8 +511,7 @@ def backward_by_head(value, loc, attn, gout, gvalue, gloc, gattn, whf, whi, offs
                 nxt = 1 - cur
                 j = order[first + q + 1]
                 _corners(loc, attn, j, lo, hi, base, M, whf, whi, offset, rows[nxt], wts[nxt])
-                _prefetch_slots(value, rows[nxt], lo, hi)
-                _prefetch_slots_for_write(gvalue, rows[nxt], lo, hi)
+                _prefetch_slots(value, gvalue, rows[nxt], lo, hi)
             _head_grads(value, gout, gvalue, i, m, lo, hi, rows[cur], wts[cur], go, dots)
             _location_and_weight_grads(loc, attn, i, lo, hi, whf, whi, dots, gloc, gattn)
 
@@ -559,28 +553,10 @@ def backward_by_thread(
     for t in prange(nthreads):
         lo = t * chunk
         hi = min(NQ, lo + chunk)
-        if t == 0:
-            _backward_queries(
-                value, loc, attn, gout, gvalue, gloc, gattn, whf, whi, offset, order, lo, hi, N, M
-            )
-        else:
-            _backward_queries(
-                value,
-                loc,
-                attn,
-                gout,
-                partial[t - 1],
-                gloc,
-                gattn,
-                whf,
-                whi,
-                offset,
-                order,
-                lo,
-                hi,
-                N,
-                M,
-            )
+        target = gvalue if t == 0 else partial[t - 1]
+        _backward_queries(
+            value, loc, attn, gout, target, gloc, gattn, whf, whi, offset, order, lo, hi, N, M
+        )
     D = value.shape[1]
     for r in prange(value.shape[0]):
         for t in range(nthreads - 1):

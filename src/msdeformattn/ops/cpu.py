@@ -119,8 +119,8 @@ def _tile_bits(image_value_bytes: int) -> int:
     Aim for tiles whose value rows take ~256 KiB, a quarter of this machine's
     L2, so that a tile's rows and grad_value rows stay cached while its
     queries run: 2**3 x 2**3 tiles for a COCO-size encoder (20 MB per image).
-    Measured there against the plain order: forward 14.4 -> 11.0 ms, backward
-    kernel 41 -> 35 ms; 2**2 and 2**4 were within 10% of it.
+    Measured there against the plain order: forward 13.9 -> 11.2 ms, backward
+    kernel 44.7 -> 37.1 ms; 2**2 and 2**4 were within 10% of 2**3.
     """
     tiles = image_value_bytes / (256 << 10)
     return int(min(8, max(0, round(math.log2(max(tiles, 1.0)) / 2))))
