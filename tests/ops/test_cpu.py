@@ -153,27 +153,6 @@ def test_second_process_loads_kernels_from_the_disk_cache():
     assert hits >= 1 and misses == 0
 
 
-def test_indices_beyond_32_bits():
-    """value with N*S*M*D > 2**31 elements: the last pixel is read from the right place.
-
-    torch.empty of 8.6 GB maps fresh zero pages; only the pages written or
-    read here become resident, so the test needs a few MB of real memory.
-    """
-    H = W = 2900
-    D = 256
-    assert H * W * D > 2**31
-    value = torch.empty(1, H * W, 1, D)
-    value[0, 0, 0] = -1.0
-    value[0, -1, 0] = torch.arange(D, dtype=torch.float32)
-    shapes = torch.tensor([[H, W]])
-    starts = torch.tensor([0])
-    loc = torch.tensor([[0.5 / W, 0.5 / H], [(W - 0.5) / W, (H - 0.5) / H]]).view(1, 2, 1, 1, 1, 2)
-    attn = torch.full((1, 2, 1, 1, 1), 0.5)
-    out = msdeformattn.ms_deform_attn(value, shapes, starts, loc, attn, backend="cpu")
-    torch.testing.assert_close(out[0, 0], torch.full((D,), -0.5))
-    torch.testing.assert_close(out[0, 1], 0.5 * torch.arange(D, dtype=torch.float32))
-
-
 def test_kernels_import_nothing_from_the_package():
     # numba's disk cache is keyed on the contents of _cpu_kernels.py only; a
     # helper compiled in from another module of ours could change without

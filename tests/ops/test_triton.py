@@ -67,10 +67,28 @@ def test_deterministic_path_with_points_outside_and_non_finite(deterministic):
         torch.testing.assert_close(g, e, **TOL[torch.float32])
 
 
-def test_float64_is_refused_with_a_reason():
-    inputs = make_inputs(dtype=torch.float64)
-    with pytest.raises(msdeformattn.BackendNotSupportedError, match=r"dtype torch\.float64"):
-        run_triton(*inputs)
+def test_float64_gradcheck_on_the_deterministic_path(deterministic):
+    # test_backends gradchecks the atomic path; this covers the row-sorted one.
+    value, shapes, starts, loc, attn = make_inputs(
+        N=2, Lq=5, M=2, D=3, levels=((3, 4), (1, 1)), P=2, requires_grad=True
+    )
+    assert torch.autograd.gradcheck(
+        lambda v, l, a: run_triton(v, shapes, starts, l, a),
+        (value, loc, attn),
+        atol=1e-7,
+        rtol=1e-5,
+        fast_mode=DEVICE == "cpu",  # see test_backends.test_gradcheck_float64
+    )
+
+
+def test_one_float64_input_makes_the_arithmetic_float64():
+    value, shapes, starts, loc, attn = make_inputs(N=1, Lq=6, M=2, D=4, P=2, dtype=torch.float64)
+    # Rounding value to float32 loses nothing; float32 arithmetic would.
+    value32 = value.float()
+    got = run_triton(value32, shapes, starts, loc, attn)
+    expected = run_ref(value32.double(), shapes, starts, loc, attn)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, expected.float(), rtol=0, atol=0)
 
 
 @interpreter_only

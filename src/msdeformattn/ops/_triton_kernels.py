@@ -3,8 +3,8 @@
 One program handles BLOCK_Q queries of one (batch, head); the D channels of a
 head are the vector lane, so every corner read is BLOCK_Q contiguous rows of D
 values. Nothing of size N*Lq*M*L*P*D is written: the forward keeps its sum
-in registers, the backward recomputes the samples. float32 accumulation for
-every input dtype.
+in registers, the backward recomputes the samples. Arithmetic in ACC: float64
+when an input is float64, float32 otherwise (half inputs included).
 
 Index arithmetic is done in int64, so N*S*M*D > 2^31 is safe. Every gather
 and scatter is masked to the level it belongs to and to ``value``, so no
@@ -20,17 +20,17 @@ import triton.language as tl
 
 
 @triton.jit
-def _sample(loc_ptr, attn_ptr, j_loc, j_attn, mask_q, H, W):
+def _sample(loc_ptr, attn_ptr, j_loc, j_attn, mask_q, H, W, ACC: tl.constexpr):
     """Fractional pixel position, corner weights and attention weight of BLOCK_Q samples.
 
     A sample outside the map, NaN or infinite, is moved to -2 so that all its
     corners fall outside and carry zero weight (and zero gradient).
     """
-    lx = tl.load(loc_ptr + j_loc, mask=mask_q, other=0.0).to(tl.float32)
-    ly = tl.load(loc_ptr + j_loc + 1, mask=mask_q, other=0.0).to(tl.float32)
-    a = tl.load(attn_ptr + j_attn, mask=mask_q, other=0.0).to(tl.float32)
-    Wf = W.to(tl.float32)
-    Hf = H.to(tl.float32)
+    lx = tl.load(loc_ptr + j_loc, mask=mask_q, other=0.0).to(ACC)
+    ly = tl.load(loc_ptr + j_loc + 1, mask=mask_q, other=0.0).to(ACC)
+    a = tl.load(attn_ptr + j_attn, mask=mask_q, other=0.0).to(ACC)
+    Wf = W.to(ACC)
+    Hf = H.to(ACC)
     x = lx * Wf - 0.5
     y = ly * Hf - 0.5
     # False for NaN and +-inf as well.
@@ -85,16 +85,17 @@ def forward_kernel(
     P: tl.constexpr,
     BLOCK_Q: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    ACC: tl.constexpr,
 ):
     m, n, d, mask_q, mask_d, j, out_offs = _tile(Lq, M, D, L, P, BLOCK_Q, BLOCK_D)
-    acc = tl.zeros((BLOCK_Q, BLOCK_D), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_Q, BLOCK_D), dtype=ACC)
     for l in tl.static_range(L):
         H = tl.load(shapes_ptr + 2 * l)
         W = tl.load(shapes_ptr + 2 * l + 1)
         start = tl.load(starts_ptr + l)
         for p in tl.static_range(P):
             s = l * P + p
-            fx, fy, ix, iy, a = _sample(loc_ptr, attn_ptr, 2 * (j + s), j + s, mask_q, H, W)
+            fx, fy, ix, iy, a = _sample(loc_ptr, attn_ptr, 2 * (j + s), j + s, mask_q, H, W, ACC)
             for c in tl.static_range(4):
                 cx = c % 2
                 cy = c // 2
@@ -102,7 +103,7 @@ def forward_kernel(
                 w = a * (fx if cx == 1 else 1.0 - fx) * (fy if cy == 1 else 1.0 - fy)
                 ptr = value_ptr + ((row * M + m) * D)[:, None] + d[None, :]
                 v = tl.load(ptr, mask=valid[:, None] & mask_d[None, :], other=0.0)
-                acc += w[:, None] * v.to(tl.float32)
+                acc += w[:, None] * v.to(ACC)
     out = acc.to(out_ptr.dtype.element_ty)
     tl.store(out_ptr + out_offs, out, mask=mask_q[:, None] & mask_d[None, :])
 
@@ -126,22 +127,23 @@ def backward_kernel(
     P: tl.constexpr,
     BLOCK_Q: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    ACC: tl.constexpr,
     ATOMIC_GRAD_VALUE: tl.constexpr,
 ):
     """grad_loc and grad_attn (every sample written once) and, with atomics, grad_value."""
     m, n, d, mask_q, mask_d, j, out_offs = _tile(Lq, M, D, L, P, BLOCK_Q, BLOCK_D)
     mask_qd = mask_q[:, None] & mask_d[None, :]
-    go = tl.load(gout_ptr + out_offs, mask=mask_qd, other=0.0).to(tl.float32)
+    go = tl.load(gout_ptr + out_offs, mask=mask_qd, other=0.0).to(ACC)
     for l in tl.static_range(L):
         H = tl.load(shapes_ptr + 2 * l)
         W = tl.load(shapes_ptr + 2 * l + 1)
         start = tl.load(starts_ptr + l)
         for p in tl.static_range(P):
             s = l * P + p
-            fx, fy, ix, iy, a = _sample(loc_ptr, attn_ptr, 2 * (j + s), j + s, mask_q, H, W)
-            g_attn = tl.zeros((BLOCK_Q,), dtype=tl.float32)
-            g_x = tl.zeros((BLOCK_Q,), dtype=tl.float32)
-            g_y = tl.zeros((BLOCK_Q,), dtype=tl.float32)
+            fx, fy, ix, iy, a = _sample(loc_ptr, attn_ptr, 2 * (j + s), j + s, mask_q, H, W, ACC)
+            g_attn = tl.zeros((BLOCK_Q,), dtype=ACC)
+            g_x = tl.zeros((BLOCK_Q,), dtype=ACC)
+            g_y = tl.zeros((BLOCK_Q,), dtype=ACC)
             for c in tl.static_range(4):
                 cx = c % 2
                 cy = c // 2
@@ -150,7 +152,7 @@ def backward_kernel(
                 wy = fy if cy == 1 else 1.0 - fy
                 offs = ((row * M + m) * D)[:, None] + d[None, :]
                 mask = valid[:, None] & mask_d[None, :]
-                v = tl.load(value_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+                v = tl.load(value_ptr + offs, mask=mask, other=0.0).to(ACC)
                 dot = tl.sum(go * v, axis=1)
                 dot = tl.where(valid, dot, 0.0)
                 g_attn += wx * wy * dot
@@ -162,8 +164,8 @@ def backward_kernel(
                     tl.atomic_add(gvalue_ptr + offs, contrib, mask=mask, sem="relaxed")
             tl.store(gattn_ptr + j + s, g_attn, mask=mask_q)
             # x = loc_x * W - 0.5: d/d loc_x = W d/dx.
-            tl.store(gloc_ptr + 2 * (j + s), a * W.to(tl.float32) * g_x, mask=mask_q)
-            tl.store(gloc_ptr + 2 * (j + s) + 1, a * H.to(tl.float32) * g_y, mask=mask_q)
+            tl.store(gloc_ptr + 2 * (j + s), a * W.to(ACC) * g_x, mask=mask_q)
+            tl.store(gloc_ptr + 2 * (j + s) + 1, a * H.to(ACC) * g_y, mask=mask_q)
 
 
 @triton.jit
@@ -190,12 +192,12 @@ def grad_value_gather_kernel(
     hi = tl.load(seg_start_ptr + seg + 1)
     row = tl.load(seg_row_ptr + seg)  # (n*S + pix)*M + m
     m = row % M
-    acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_D,), dtype=weight_ptr.dtype.element_ty)
     for e in range(lo, hi):
         nq = tl.load(entry_ptr + e)
         w = tl.load(weight_ptr + e)
         go = tl.load(gout_ptr + nq * (M * D) + m * D + d, mask=mask_d, other=0.0)
-        acc += w * go.to(tl.float32)
+        acc += w * go.to(acc.dtype)
     tl.store(gvalue_ptr + row * D + d, acc, mask=mask_d)
 
 
@@ -206,6 +208,14 @@ def launch_config(Lq: int, D: int) -> tuple[int, int]:
     return block_q, block_d
 
 
+def work_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    """float64 when any input is float64, else float32: the precision of all arithmetic."""
+    return torch.float64 if torch.float64 in {t.dtype for t in tensors} else torch.float32
+
+
+_TL = {torch.float32: tl.float32, torch.float64: tl.float64}
+
+
 def forward(value, shapes, starts, loc, attn) -> torch.Tensor:
     N, S, M, D = value.shape
     Lq, L, P = loc.shape[1], loc.shape[3], loc.shape[4]
@@ -214,20 +224,25 @@ def forward(value, shapes, starts, loc, attn) -> torch.Tensor:
         return out
     block_q, block_d = launch_config(Lq, D)
     grid = (triton.cdiv(Lq, block_q), M, N)
-    forward_kernel[grid](value, shapes, starts, loc, attn, out, Lq, S, M, D, L, P, block_q, block_d)
+    acc = _TL[work_dtype(value, loc, attn)]
+    forward_kernel[grid](
+        value, shapes, starts, loc, attn, out, Lq, S, M, D, L, P, block_q, block_d, acc
+    )
     return out
 
 
 def backward(grad_output, value, shapes, starts, loc, attn, deterministic: bool):
-    """Returns float32 (grad_value, grad_loc, grad_attn); the caller casts them."""
+    """(grad_value, grad_loc, grad_attn) in the work dtype; the caller casts them."""
     N, S, M, D = value.shape
     Lq, L, P = loc.shape[1], loc.shape[3], loc.shape[4]
     dev = value.device
-    gvalue = torch.zeros((N, S, M, D), dtype=torch.float32, device=dev)
-    gloc = torch.zeros(loc.shape, dtype=torch.float32, device=dev)
-    gattn = torch.zeros(attn.shape, dtype=torch.float32, device=dev)
+    dtype = work_dtype(grad_output, value, loc, attn)
+    gvalue = torch.zeros((N, S, M, D), dtype=dtype, device=dev)
     if grad_output.numel() == 0:
-        return gvalue, gloc, gattn
+        return gvalue, torch.zeros_like(loc, dtype=dtype), torch.zeros_like(attn, dtype=dtype)
+    # The kernel writes every sample's location and weight gradient.
+    gloc = torch.empty(loc.shape, dtype=dtype, device=dev)
+    gattn = torch.empty(attn.shape, dtype=dtype, device=dev)
     block_q, block_d = launch_config(Lq, D)
     grid = (triton.cdiv(Lq, block_q), M, N)
     backward_kernel[grid](
@@ -248,6 +263,7 @@ def backward(grad_output, value, shapes, starts, loc, attn, deterministic: bool)
         P,
         block_q,
         block_d,
+        _TL[dtype],
         not deterministic,
     )
     if deterministic:
@@ -270,8 +286,9 @@ def _grad_value_deterministic(grad_output, value, shapes, starts, loc, attn, gva
     Lq, L, P = loc.shape[1], loc.shape[3], loc.shape[4]
     H = shapes[:, 0].view(1, 1, 1, L, 1)
     W = shapes[:, 1].view(1, 1, 1, L, 1)
-    lx = loc[..., 0].float()
-    ly = loc[..., 1].float()
+    dtype = gvalue.dtype
+    lx = loc[..., 0].to(dtype)
+    ly = loc[..., 1].to(dtype)
     x = lx * W - 0.5
     y = ly * H - 0.5
     inside = (x >= -1) & (x <= W) & (y >= -1) & (y <= H)
@@ -281,7 +298,7 @@ def _grad_value_deterministic(grad_output, value, shapes, starts, loc, attn, gva
     y0 = y.floor()
     fx, fy = x - x0, y - y0
     ix, iy = x0.long(), y0.long()
-    a = torch.where(inside, attn.float(), 0.0)
+    a = torch.where(inside, attn.to(dtype), 0.0)
     n = torch.arange(N, device=value.device).view(N, 1, 1, 1, 1)
     m = torch.arange(M, device=value.device).view(1, 1, M, 1, 1)
     nq = (n * Lq + torch.arange(Lq, device=value.device).view(1, Lq, 1, 1, 1)).expand(

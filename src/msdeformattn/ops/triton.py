@@ -1,7 +1,8 @@
 """The ``triton`` backend: fused Triton kernels for CUDA tensors.
 
-float32, float16 and bfloat16 inputs (and mixes, as autocast produces),
-float32 accumulation, outputs and gradients in the inputs' dtypes. The fast
+float16, bfloat16, float32 and float64 inputs (and mixes, as autocast
+produces). Arithmetic in float32, or float64 when an input is float64 (what
+gradcheck needs); outputs and gradients in the inputs' dtypes. The fast
 backward adds grad_value with atomics; when
 ``torch.are_deterministic_algorithms_enabled()`` it instead sorts the samples
 by the value row they touch and sums each row in that fixed order (bitwise
@@ -42,7 +43,7 @@ class TritonBackend(Backend):
     NAME = "triton"
     PRIORITY = 20
     SUPPORTED_DEVICES = frozenset({"cuda", "cpu"})
-    SUPPORTED_DTYPES = frozenset({torch.float16, torch.bfloat16, torch.float32})
+    SUPPORTED_DTYPES = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64})
     # The deterministic path is taken automatically under deterministic mode.
     IS_DETERMINISTIC = True
     REQUIRES = ("triton",)
