@@ -36,3 +36,42 @@ def test_memory_probe_sees_the_grid_sample_intermediates():
     peak = bench.peak_memory("small", "peer:grid_sample", "float32", "cpu")
     sampled = 2 * 8 * 32 * 100 * 16 * 4  # N*M*D*Lq*L*P float32 sampled values
     assert peak >= sampled
+
+
+def test_a_contender_that_disagrees_is_left_out(monkeypatch, capsys):
+    real = bench.contenders
+
+    def with_broken(device):
+        fns = real(device)
+        fns["peer:transposed"] = lambda v, s, st, loc, a: fns["peer:grid_sample"](
+            v, s, st, loc.flip(-1), a
+        )
+        return fns
+
+    monkeypatch.setattr(bench, "contenders", with_broken)
+    bench.main(["--cases", "small", "--no-memory", "--min-run-time", "0.01"])
+    out, err = capsys.readouterr()
+    assert "peer:transposed" not in out
+    assert "small: peer:transposed left out: max abs difference" in err
+
+
+def test_disagreement_names_shape_errors_and_nan():
+    inputs = bench.make_inputs(bench.CASES["small"], torch.float32, "cpu")
+    ours = bench.contenders("cpu")["msdeformattn:cpu"]
+    expected = ours(*inputs)
+    assert bench.disagreement(ours, inputs, expected) is None
+    assert "output shape" in bench.disagreement(lambda *a: expected[:1], inputs, expected)
+    assert "nan" in bench.disagreement(lambda *a: expected * float("nan"), inputs, expected)
+
+    def refuses(*a):
+        raise RuntimeError("no half precision")
+
+    assert bench.disagreement(refuses, inputs, expected) == (
+        "raised RuntimeError: no half precision"
+    )
+
+
+def test_deterministic_flag_is_scoped_to_the_run(capsys):
+    bench.main(["--cases", "small", "--no-memory", "--min-run-time", "0.01", "--deterministic"])
+    assert "deterministic" in capsys.readouterr().out.splitlines()[0]
+    assert not torch.are_deterministic_algorithms_enabled()

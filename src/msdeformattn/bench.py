@@ -1,7 +1,12 @@
 """Benchmark: every available backend beside the peers, on detector-shaped inputs.
 
     python -m msdeformattn.bench                    # default cases, float32
-    python -m msdeformattn.bench --cases decoder --dtype bfloat16
+    python -m msdeformattn.bench --cases decoder-N2 --dtype bfloat16
+
+Peers: the grid_sample formulation (always), and whichever of transformers,
+torch-ms-deform-attn and deformops (Python >= 3.12) are installed. Each
+contender's output is checked against ours before it is timed; one that
+disagrees is left out of the table with a message.
 
 Times forward (no grad) and forward+backward with ``torch.utils.benchmark``
 (medians), prints speed-ups over the grid_sample formulation that the
@@ -50,11 +55,16 @@ CASES = {
     for c in (
         Case("encoder-N1", 1, COCO_LEVELS, None),
         Case("encoder-N2", 2, COCO_LEVELS, None),
+        Case("encoder-N8", 8, COCO_LEVELS, None),
         Case("decoder-N2", 2, COCO_LEVELS, 300),
+        Case("decoder-N8", 8, COCO_LEVELS, 300),
         Case("small", 2, ((16, 16), (8, 8), (4, 4), (2, 2)), 100),
     )
 }
-DEFAULT_CASES = ("encoder-N1", "encoder-N2", "decoder-N2", "small")
+DEFAULT_CASES = {
+    "cpu": ("encoder-N1", "encoder-N2", "decoder-N2", "small"),
+    "cuda": ("encoder-N2", "encoder-N8", "decoder-N2", "decoder-N8"),
+}
 
 
 def make_inputs(case: Case, dtype: torch.dtype, device: str, seed: int = 0):
@@ -125,6 +135,34 @@ def _transformers_fn() -> Callable | None:
     return run
 
 
+def _torch_ms_deform_attn_fn() -> Callable | None:
+    """torch-ms-deform-attn's C++/OpenMP (CPU) and CUDA kernels."""
+    try:
+        import torch_ms_deform_attn
+    except ImportError:
+        return None
+
+    def run(value, spatial_shapes, level_start_index, loc, attn):
+        return torch_ms_deform_attn.ms_deform_attn(
+            value, spatial_shapes, level_start_index, loc, attn, 64
+        )
+
+    return run
+
+
+def _deformops_fn() -> Callable | None:
+    """deformops' ``msda``, on the backend its own dispatch picks (Triton on CUDA)."""
+    try:
+        from deformops.registry import msda
+    except (ImportError, SyntaxError):  # SyntaxError: it needs Python >= 3.12
+        return None
+
+    def run(value, spatial_shapes, level_start_index, loc, attn):
+        return msda(value, spatial_shapes, level_start_index, loc, attn)
+
+    return run
+
+
 def contenders(device: str) -> dict[str, Callable]:
     """Name -> function with the operator's signature, ours first, then the peers."""
     fns: dict[str, Callable] = {}
@@ -140,10 +178,37 @@ def contenders(device: str) -> dict[str, Callable]:
         if backend.supports(*args) and not backend.dispatch_reasons(*args):
             fns[f"msdeformattn:{name}"] = ours
     fns["peer:grid_sample"] = grid_sample_formulation
-    hf = _transformers_fn()
-    if hf is not None:
-        fns["peer:transformers"] = hf
+    for name, make in (
+        ("peer:transformers", _transformers_fn),
+        ("peer:torch-ms-deform-attn", _torch_ms_deform_attn_fn),
+        ("peer:deformops", _deformops_fn),
+    ):
+        fn = make()
+        if fn is not None:
+            fns[name] = fn
     return fns
+
+
+#: How far a contender's float32 output may be from ours: summation order only.
+_AGREEMENT = {torch.float32: 1e-4, torch.float64: 1e-9}
+
+
+def disagreement(fn: Callable, inputs, expected: torch.Tensor) -> str | None:
+    """Why ``fn``'s output on ``inputs`` is not ``expected`` (None if it is), or its error."""
+    try:
+        with torch.no_grad():
+            out = fn(*inputs)
+    except Exception as e:  # a peer's own refusal: report it, time the rest
+        return f"raised {type(e).__name__}: {e}"
+    if out.shape != expected.shape:
+        return f"output shape {tuple(out.shape)}, expected {tuple(expected.shape)}"
+    # Low precision: within the rounding of a few products of the output's size.
+    tol = _AGREEMENT.get(out.dtype, 8 * torch.finfo(out.dtype).eps)
+    err = (out.double() - expected.double()).abs().max().item() if out.numel() else 0.0
+    scale = max(expected.abs().max().item(), 1.0) if expected.numel() else 1.0
+    if not err <= tol * scale:  # also catches NaN
+        return f"max abs difference {err:.3g} from ours (allowed {tol * scale:.3g})"
+    return None
 
 
 def _fwd(fn, inputs):
@@ -241,8 +306,14 @@ def run(cases, dtype: str, device: str, min_run_time: float, memory: bool) -> li
     for case_name in cases:
         case = CASES[case_name]
         inputs = make_inputs(case, getattr(torch, dtype), device)
+        with torch.no_grad():
+            expected = msdeformattn.ms_deform_attn(*inputs)
         base = None
         for name, fn in fns.items():
+            why = disagreement(fn, inputs, expected)
+            if why is not None:
+                print(f"{case_name}: {name} left out: {why}", file=sys.stderr, flush=True)
+                continue
             t_f, t_fb = time_case(fn, inputs, min_run_time)
             if name == "peer:grid_sample":
                 base = (t_f, t_fb)
@@ -301,7 +372,11 @@ def format_table(rows: list[dict], bandwidth: bool = False) -> str:
         cols += ["fwd GB/s", "fwd+bwd GB/s"]
 
     def mib(b):
-        return "-" if b is None else f"{b / 2**20:.0f}"
+        # A workspace a few pages below zero is the RSS's granularity: show 0.
+        return "-" if b is None else f"{max(b, 0) / 2**20:.0f}"
+
+    def speedup(r, key):  # "-" when the baseline itself was left out
+        return f"{r[key]:.1f}x" if key in r else "-"
 
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
@@ -309,9 +384,9 @@ def format_table(rows: list[dict], bandwidth: bool = False) -> str:
             r["case"],
             r["contender"],
             f"{r['fwd_s'] * 1e3:.2f}",
-            f"{r['speedup_fwd']:.1f}x",
+            speedup(r, "speedup_fwd"),
             f"{r['fwd_bwd_s'] * 1e3:.2f}",
-            f"{r['speedup_fwd_bwd']:.1f}x",
+            speedup(r, "speedup_fwd_bwd"),
             mib(r["peak_bytes"]),
             mib(r["workspace_bytes"]),
         ]
@@ -484,6 +559,8 @@ def _peak_of(fn) -> int:
 
 def _probe_subprocess(args: list[str]) -> int:
     cmd = [sys.executable, "-m", "msdeformattn.bench", *args]
+    if torch.are_deterministic_algorithms_enabled():
+        cmd.append("--deterministic")
     # A fixed mmap threshold makes glibc return every large block to the
     # system when freed, so RSS follows the live allocations.
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
@@ -495,7 +572,12 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(
         prog="python -m msdeformattn.bench", description=__doc__.split("\n")[0]
     )
-    p.add_argument("--cases", nargs="+", default=list(DEFAULT_CASES), choices=sorted(CASES))
+    p.add_argument(
+        "--cases",
+        nargs="+",
+        choices=sorted(CASES),
+        help="default: " + "; ".join(f"{d}: {' '.join(c)}" for d, c in DEFAULT_CASES.items()),
+    )
     p.add_argument(
         "--dtype", default="float32", choices=["float32", "float16", "bfloat16", "float64"]
     )
@@ -503,6 +585,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--min-run-time", type=float, default=1.0, help="seconds per measurement")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory probes")
     p.add_argument("--json", metavar="FILE", help="also write the rows as JSON")
+    p.add_argument(
+        "--deterministic",
+        action="store_true",
+        help="under torch.use_deterministic_algorithms (warn_only: grid_sample's CUDA "
+        "backward has no deterministic path); our triton backend then sorts instead of atomics",
+    )
     p.add_argument(
         "--detector",
         action="store_true",
@@ -522,6 +610,17 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--encoder-memory-probe", help=argparse.SUPPRESS)
     p.add_argument("--memory-probe", nargs=4, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    before = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    if args.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        _main(args)
+    finally:
+        torch.use_deterministic_algorithms(before, warn_only=warn_only)
+
+
+def _main(args: argparse.Namespace) -> None:
     if args.memory_probe:
         print(peak_memory_probe(*args.memory_probe))
         return
@@ -544,7 +643,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     header = (
         f"device={args.device} dtype={args.dtype} torch={torch.__version__} "
-        f"threads={torch.get_num_threads()}"
+        f"threads={torch.get_num_threads()}" + (" deterministic" if args.deterministic else "")
     )
     if args.device == "cuda":
         header += (
@@ -552,7 +651,8 @@ def main(argv: list[str] | None = None) -> None:
             f"copy_bandwidth={copy_bandwidth(args.device) / 1e9:.0f}GB/s"
         )
     print(header, flush=True)
-    rows = run(args.cases, args.dtype, args.device, args.min_run_time, not args.no_memory)
+    cases = args.cases or DEFAULT_CASES[torch.device(args.device).type]
+    rows = run(cases, args.dtype, args.device, args.min_run_time, not args.no_memory)
     print(format_table(rows, bandwidth=args.device == "cuda"))
     if args.json:
         with open(args.json, "w") as f:

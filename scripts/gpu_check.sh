@@ -1,0 +1,68 @@
+#!/usr/bin/env bash
+# What a session lent a GPU runs first: the whole suite on CUDA, then the GPU benchmark.
+#
+#   bash scripts/gpu_check.sh fetch     # here, with network: peer wheels into .whl/
+#   bash scripts/gpu_check.sh tests     # on the GPU machine (no network)
+#   bash scripts/gpu_check.sh bench float32 [bench flags]   # on the GPU machine,
+#   bash scripts/gpu_check.sh bench bfloat16                # one call each (~5 min)
+#   bash scripts/gpu_check.sh bench float32 --deterministic --cases encoder-N2 decoder-N2
+#
+# The GPU machine has Python 3.12, torch, triton, numba, pytest and hypothesis
+# but no network: the package runs from src/, and what it lacks travels as wheels
+# in .whl/ (carry it: the device tool's `carry` argument). Logs and JSON go to
+# $OUT (the device tool's output folder), or ./gpu_out.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+stage=${1:?usage: gpu_check.sh fetch|tests|bench DTYPE [bench flags]}
+out=${OUT:-gpu_out}
+mkdir -p "$out"
+py=${PYTHON:-python3}
+
+if [ "$stage" = fetch ]; then
+    mkdir -p .whl
+    # deformops is pure Python (its Triton kernels compile on first use);
+    # pycocotools for the training tests; torch-ms-deform-attn as source, built there.
+    $py -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
+        --implementation cp --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+        -d .whl deformops==3.0.1 pycocotools==2.0.10 || exit
+    $py -m pip download -q --no-deps --no-binary=:all: --no-build-isolation -d .whl torch-ms-deform-attn==0.1.1 || exit
+    ls -l .whl
+    exit
+fi
+
+site=/tmp/site
+if compgen -G ".whl/*.whl" >/dev/null; then
+    $py -m pip install -q --no-index --no-deps --no-compile --target $site .whl/*.whl || exit
+fi
+if [ "$stage" = bench ] && compgen -G ".whl/torch_ms_deform_attn-*.tar.gz" >/dev/null; then
+    # The reference CUDA op's descendant, compiled for this GPU only (a minute or two).
+    TORCH_CUDA_ARCH_LIST=$($py -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())") \
+        $py -m pip install -q --no-index --no-deps --no-build-isolation --target $site \
+        .whl/torch_ms_deform_attn-*.tar.gz 2>&1 | tail -5
+fi
+export PYTHONPATH=src:$site PYTHONUNBUFFERED=1
+unset TRITON_INTERPRET  # the real compiler, not the interpreter CI uses
+
+$py - <<'PY' | tee "$out/env.txt"
+import torch, triton
+print(f"torch {torch.__version__}, triton {triton.__version__}, "
+      f"{torch.cuda.get_device_name()}, cuda {torch.version.cuda}")
+PY
+
+case "$stage" in
+tests)
+    # -p xdist is there; the CPU kernels' numba cache is shared, so no -n.
+    $py -m pytest -q -rs --durations=15 tests 2>&1 | tee "$out/tests.log"
+    ;;
+bench)
+    dtype=${2:?bench needs a dtype: float32, bfloat16, float16}
+    shift 2
+    name=bench_$dtype$(printf '%s' "$*" | tr -c 'A-Za-z0-9' '_' | sed 's/_*$//')
+    $py -m msdeformattn.bench --device cuda --dtype "$dtype" "$@" \
+        --json "$out/$name.json" 2>&1 | tee "$out/$name.md"
+    ;;
+*)
+    echo "unknown stage $stage" >&2
+    exit 2
+    ;;
+esac
