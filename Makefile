@@ -24,7 +24,7 @@ demo: install
 # The C++/OpenMP CPU peer ships no wheel: build it against the venv's torch
 # (needs a C++ compiler); without it the benchmark leaves that peer out.
 peers: install
-	$(PY) -m pip install -q setuptools wheel 'packaging>=24.2'
+	$(PY) -m pip install -q -U 'setuptools>=77' wheel 'packaging>=24.2'
 	$(PY) -m pip install -q --no-build-isolation torch-ms-deform-attn==0.1.1 \
 		|| echo "torch-ms-deform-attn not built: the benchmark leaves it out"
 

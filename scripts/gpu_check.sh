@@ -16,32 +16,42 @@ cd "$(dirname "$0")/.."
 stage=${1:?usage: gpu_check.sh fetch|tests|bench DTYPE [bench flags]}
 out=${OUT:-gpu_out}
 mkdir -p "$out"
+if [ -z "${PYTHON:-}" ] && [ "$stage" = fetch ] && [ -x .venv/bin/python ]; then
+    PYTHON=.venv/bin/python # reading torch-ms-deform-attn's metadata imports torch
+fi
 py=${PYTHON:-python3}
 
 if [ "$stage" = fetch ]; then
     mkdir -p .whl
     # deformops is pure Python (its Triton kernels compile on first use);
-    # pycocotools for the training tests; torch-ms-deform-attn as source, built there.
+    # pycocotools for the training tests; setuptools, wheel and packaging to
+    # build torch-ms-deform-attn from source there, against that torch and CUDA.
     $py -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
         --implementation cp --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
-        -d .whl deformops==3.0.1 pycocotools==2.0.10 || exit
-    $py -m pip download -q --no-deps --no-binary=:all: --no-build-isolation -d .whl torch-ms-deform-attn==0.1.1 || exit
+        -d .whl deformops==3.0.1 pycocotools==2.0.10 'setuptools>=77' wheel 'packaging>=24.2' \
+        || exit
+    $py -m pip download -q --no-deps --no-binary=:all: --no-build-isolation -d .whl \
+        torch-ms-deform-attn==0.1.1 || exit
     ls -l .whl
     exit
 fi
 
 site=/tmp/site
 if compgen -G ".whl/*.whl" >/dev/null; then
-    $py -m pip install -q --no-index --no-deps --no-compile --target $site .whl/*.whl || exit
-fi
-if [ "$stage" = bench ] && compgen -G ".whl/torch_ms_deform_attn-*.tar.gz" >/dev/null; then
-    # The reference CUDA op's descendant, compiled for this GPU only (a minute or two).
-    TORCH_CUDA_ARCH_LIST=$($py -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())") \
-        $py -m pip install -q --no-index --no-deps --no-build-isolation --target $site \
-        .whl/torch_ms_deform_attn-*.tar.gz 2>&1 | tail -5
+    $py -m pip install -q --no-index --no-deps --no-compile --upgrade --target $site .whl/*.whl || exit
 fi
 export PYTHONPATH=src:$site PYTHONUNBUFFERED=1
-unset TRITON_INTERPRET  # the real compiler, not the interpreter CI uses
+unset TRITON_INTERPRET # the real compiler, not the interpreter CI uses
+
+if [ "$stage" = bench ] && [ ! -d $site/torch_ms_deform_attn ] &&
+    compgen -G ".whl/torch_ms_deform_attn-*.tar.gz" >/dev/null; then
+    # The reference CUDA op's descendant, for this GPU only (a minute or two;
+    # once per machine). FORCE_CUDA: fail rather than build a CPU-only peer.
+    arch=$($py -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())")
+    TORCH_CUDA_ARCH_LIST=$arch FORCE_CUDA=1 $py -m pip install -q --no-index --no-deps \
+        --no-build-isolation --target $site .whl/torch_ms_deform_attn-*.tar.gz 2>&1 | tail -5 ||
+        echo "torch-ms-deform-attn not built: the benchmark leaves it out"
+fi
 
 $py - <<'PY' | tee "$out/env.txt"
 import torch, triton
@@ -51,7 +61,7 @@ PY
 
 case "$stage" in
 tests)
-    # -p xdist is there; the CPU kernels' numba cache is shared, so no -n.
+    # pytest-xdist is there, but the CPU kernels' numba cache is shared: no -n.
     $py -m pytest -q -rs --durations=15 tests 2>&1 | tee "$out/tests.log"
     ;;
 bench)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from msdeformattn import bench
@@ -53,25 +54,29 @@ def test_a_contender_that_disagrees_is_left_out(monkeypatch, capsys):
     out, err = capsys.readouterr()
     assert "peer:transposed" not in out
     assert "small: peer:transposed left out: max abs difference" in err
+    assert "| small | peer:grid_sample |" in out
 
 
 def test_disagreement_names_shape_errors_and_nan():
-    inputs = bench.make_inputs(bench.CASES["small"], torch.float32, "cpu")
+    inputs = bench.make_inputs(bench.CASES["small"], torch.bfloat16, "cpu")
+    check, expected = bench.agreement_check(inputs)
+    assert check[0].dtype == torch.float32 and expected.dtype == torch.float64
     ours = bench.contenders("cpu")["msdeformattn:cpu"]
-    expected = ours(*inputs)
-    assert bench.disagreement(ours, inputs, expected) is None
-    assert "output shape" in bench.disagreement(lambda *a: expected[:1], inputs, expected)
-    assert "nan" in bench.disagreement(lambda *a: expected * float("nan"), inputs, expected)
+    assert bench.disagreement(ours, check, expected) is None
+    assert bench.disagreement(bench.grid_sample_formulation, check, expected) is None
+    out = ours(*check)
+    assert "output shape" in bench.disagreement(lambda *a: out[:1], check, expected)
+    assert "nan" in bench.disagreement(lambda *a: out * float("nan"), check, expected)
 
     def refuses(*a):
         raise RuntimeError("no half precision")
 
-    assert bench.disagreement(refuses, inputs, expected) == (
-        "raised RuntimeError: no half precision"
-    )
+    assert bench.disagreement(refuses, check, expected) == "raised RuntimeError: no half precision"
 
 
-def test_deterministic_flag_is_scoped_to_the_run(capsys):
-    bench.main(["--cases", "small", "--no-memory", "--min-run-time", "0.01", "--deterministic"])
-    assert "deterministic" in capsys.readouterr().out.splitlines()[0]
-    assert not torch.are_deterministic_algorithms_enabled()
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_low_precision_runs_keep_the_baseline(capsys, dtype):
+    bench.main(["--cases", "small", "--no-memory", "--min-run-time", "0.01", "--dtype", dtype])
+    out, err = capsys.readouterr()
+    assert "left out" not in err
+    assert "| small | peer:grid_sample |" in out

@@ -201,10 +201,11 @@ def grad_value_gather_kernel(
     tl.store(gvalue_ptr + row * D + d, acc, mask=mask_d)
 
 
-def launch_config(Lq: int, D: int) -> tuple[int, int]:
-    """(BLOCK_Q, BLOCK_D): D padded to a power of two, about 4K values per program."""
+def launch_config(Lq: int, D: int, dtype: torch.dtype = torch.float32) -> tuple[int, int]:
+    """(BLOCK_Q, BLOCK_D): D padded to a power of two, about 16 KB of work values a tile."""
     block_d = triton.next_power_of_2(max(D, 1))
-    block_q = max(1, min(64, 4096 // block_d, triton.next_power_of_2(max(Lq, 1))))
+    per_tile = 16384 // dtype.itemsize
+    block_q = max(1, min(64, per_tile // block_d, triton.next_power_of_2(max(Lq, 1))))
     return block_q, block_d
 
 
@@ -219,16 +220,22 @@ _TL = {torch.float32: tl.float32, torch.float64: tl.float64}
 def forward(value, shapes, starts, loc, attn) -> torch.Tensor:
     N, S, M, D = value.shape
     Lq, L, P = loc.shape[1], loc.shape[3], loc.shape[4]
-    out = torch.empty((N, Lq, M * D), dtype=value.dtype, device=value.device)
-    if out.numel() == 0:
-        return out
-    block_q, block_d = launch_config(Lq, D)
-    grid = (triton.cdiv(Lq, block_q), M, N)
-    acc = _TL[work_dtype(value, loc, attn)]
-    forward_kernel[grid](
-        value, shapes, starts, loc, attn, out, Lq, S, M, D, L, P, block_q, block_d, acc
+    dtype = work_dtype(value, loc, attn)
+    # A float64 sum is stored as float64 and rounded by torch: Triton's
+    # interpreter gets a direct float64 -> bfloat16 conversion wrong.
+    out = torch.empty(
+        (N, Lq, M * D),
+        dtype=torch.float64 if dtype == torch.float64 else value.dtype,
+        device=value.device,
     )
-    return out
+    if out.numel() == 0:
+        return out.to(value.dtype)
+    block_q, block_d = launch_config(Lq, D, dtype)
+    grid = (triton.cdiv(Lq, block_q), M, N)
+    forward_kernel[grid](
+        value, shapes, starts, loc, attn, out, Lq, S, M, D, L, P, block_q, block_d, _TL[dtype]
+    )
+    return out.to(value.dtype)
 
 
 def backward(grad_output, value, shapes, starts, loc, attn, deterministic: bool):
@@ -243,7 +250,7 @@ def backward(grad_output, value, shapes, starts, loc, attn, deterministic: bool)
     # The kernel writes every sample's location and weight gradient.
     gloc = torch.empty(loc.shape, dtype=dtype, device=dev)
     gattn = torch.empty(attn.shape, dtype=dtype, device=dev)
-    block_q, block_d = launch_config(Lq, D)
+    block_q, block_d = launch_config(Lq, D, dtype)
     grid = (triton.cdiv(Lq, block_q), M, N)
     backward_kernel[grid](
         value,
@@ -327,7 +334,7 @@ def _grad_value_deterministic(grad_output, value, shapes, starts, loc, attn, gva
         return
     seg_start = torch.zeros(rows.numel() + 1, dtype=torch.int64, device=value.device)
     seg_start[1:] = counts.cumsum(0)
-    _, block_d = launch_config(Lq, D)
+    _, block_d = launch_config(Lq, D, gvalue.dtype)
     grad_value_gather_kernel[(rows.numel(),)](
         grad_output, entry, weight, seg_start, rows, gvalue, M, D, block_d
     )
