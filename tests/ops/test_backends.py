@@ -176,6 +176,21 @@ def test_huge_locations_stay_in_bounds(backend):
     assert_matches_reference(backend, (value, shapes, starts, loc, attn))
 
 
+@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(N=1, Lq=100_000, M=1, D=1, levels=((3, 5),), P=1),
+        dict(N=64, Lq=3, M=2, D=2, levels=((3, 5), (1, 2)), P=1),
+    ],
+    ids=["Lq=1e5", "N=64"],
+)
+def test_many_queries_and_a_large_batch(backend, kw):
+    # The launch grids: a GPU caps grid dimensions, and every query and image
+    # must land in exactly one program. (The interpreter takes ~30 s for 1e5.)
+    assert_matches_reference(backend, make_inputs(dtype=torch.float32, **kw))
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_non_contiguous_inputs(backend):
     value, shapes, starts, loc, attn = make_inputs(N=2, Lq=5, M=3, D=4, P=2, dtype=torch.float32)
