@@ -80,3 +80,19 @@ def test_low_precision_runs_keep_the_baseline(capsys, dtype):
     out, err = capsys.readouterr()
     assert "left out" not in err
     assert "| small | peer:grid_sample |" in out
+
+
+def test_gpu_table_adds_achieved_bandwidth():
+    # The columns a CUDA run prints, checked on CPU rows (no GPU in CI).
+    rows = bench.run(["small"], "float32", "cpu", 0.01, memory=False)
+    table = bench.format_table(rows, bandwidth=True).splitlines()
+    assert table[0].endswith("| fwd GB/s | fwd+bwd GB/s |")
+    moved = bench._moved_bytes(bench.make_inputs(bench.CASES["small"], torch.float32, "cpu"), True)
+    ours = next(r for r in rows if r["contender"] == "msdeformattn:cpu")
+    assert ours["fwd_bwd_gbps"] == pytest.approx(moved / ours["fwd_bwd_s"] / 1e9)
+    assert all(len(line.split("|")) == len(table[0].split("|")) for line in table)
+
+
+def test_gpu_default_cases_exist():
+    assert set(bench.DEFAULT_CASES["cuda"]) <= set(bench.CASES)
+    assert {"encoder-N2", "encoder-N8"} <= set(bench.DEFAULT_CASES["cuda"])
