@@ -18,6 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .reference import kernel_dtype
+
 
 @triton.jit
 def _sample(loc_ptr, attn_ptr, j_loc, j_attn, mask_q, H, W, ACC: tl.constexpr):
@@ -209,18 +211,13 @@ def launch_config(Lq: int, D: int, dtype: torch.dtype = torch.float32) -> tuple[
     return block_q, block_d
 
 
-def work_dtype(*tensors: torch.Tensor) -> torch.dtype:
-    """float64 when any input is float64, else float32: the precision of all arithmetic."""
-    return torch.float64 if torch.float64 in {t.dtype for t in tensors} else torch.float32
-
-
 _TL = {torch.float32: tl.float32, torch.float64: tl.float64}
 
 
 def forward(value, shapes, starts, loc, attn) -> torch.Tensor:
     N, S, M, D = value.shape
     Lq, L, P = loc.shape[1], loc.shape[3], loc.shape[4]
-    dtype = work_dtype(value, loc, attn)
+    dtype = kernel_dtype(value, loc, attn)
     # A float64 sum is stored as float64 and rounded by torch: Triton's
     # interpreter gets a direct float64 -> bfloat16 conversion wrong.
     out = torch.empty(
@@ -243,7 +240,7 @@ def backward(grad_output, value, shapes, starts, loc, attn, deterministic: bool)
     N, S, M, D = value.shape
     Lq, L, P = loc.shape[1], loc.shape[3], loc.shape[4]
     dev = value.device
-    dtype = work_dtype(grad_output, value, loc, attn)
+    dtype = kernel_dtype(grad_output, value, loc, attn)
     gvalue = torch.zeros((N, S, M, D), dtype=dtype, device=dev)
     if grad_output.numel() == 0:
         return gvalue, torch.zeros_like(loc, dtype=dtype), torch.zeros_like(attn, dtype=dtype)

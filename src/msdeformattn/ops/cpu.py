@@ -19,7 +19,7 @@ import mmap
 import numpy as np
 import torch
 
-from .reference import compute_dtype
+from .reference import kernel_dtype
 from .registry import Backend, cast_grads, register
 from .validate import check_level_values
 
@@ -82,11 +82,6 @@ def _buffer(shape: tuple[int, ...], dtype: torch.dtype, zero: bool = True) -> to
     return out
 
 
-def _work_dtype(*tensors: torch.Tensor) -> torch.dtype:
-    dtype = compute_dtype(*tensors)
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def _prepare(value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
     """Contiguous arrays in the work dtype, in the 2-D layouts the kernels index."""
     N, S, M, D = value.shape
@@ -94,7 +89,7 @@ def _prepare(value, spatial_shapes, level_start_index, sampling_locations, atten
     # The kernels trust the level table to address rows inside value; on the
     # CPU reading it costs nothing, so it is always checked here.
     check_level_values(spatial_shapes, level_start_index, S)
-    dtype = _work_dtype(value, sampling_locations, attention_weights)
+    dtype = kernel_dtype(value, sampling_locations, attention_weights)
 
     def arr(t: torch.Tensor, *shape: int) -> np.ndarray:
         return t.detach().to(dtype).contiguous().view(*shape).numpy()

@@ -16,7 +16,13 @@ import torch.nn.functional as F
 
 from .registry import Backend, register
 
-__all__ = ["ReferenceBackend", "compute_dtype", "reference_backward", "reference_forward"]
+__all__ = [
+    "ReferenceBackend",
+    "compute_dtype",
+    "kernel_dtype",
+    "reference_backward",
+    "reference_forward",
+]
 
 # grid_sampler_2d_backward's integer codes for mode="bilinear", padding_mode="zeros".
 _BILINEAR = 0
@@ -31,6 +37,11 @@ def compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
     for t in tensors[1:]:
         dtype = torch.promote_types(dtype, t.dtype)
     return dtype
+
+
+def kernel_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    """What the fused kernels compute in: float64 if the promoted dtype is, else float32."""
+    return torch.float64 if compute_dtype(*tensors) == torch.float64 else torch.float32
 
 
 def _grid(
