@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from msdeformattn.models import DeformableDETRConfig, build_model
-from msdeformattn.train.box_ops import (
+from msdeformattn.util.box_ops import (
     box_cxcywh_to_xyxy,
     box_xyxy_to_cxcywh,
     generalized_box_iou,

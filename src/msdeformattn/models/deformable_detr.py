@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..nn.transformer import DeformableTransformer, inverse_sigmoid
-from ..train.box_ops import box_cxcywh_to_xyxy
+from ..util.box_ops import box_cxcywh_to_xyxy
 from .backbone import Backbone, Joiner, PositionEmbeddingSine, ResNet, resize_mask, resnet
 
 __all__ = [

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .box_ops import box_cxcywh_to_xyxy, generalized_box_iou
+from ..util.box_ops import box_cxcywh_to_xyxy, generalized_box_iou
 from .matcher import HungarianMatcher
 
 __all__ = ["SetCriterion", "sigmoid_focal_loss"]

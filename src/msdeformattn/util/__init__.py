@@ -1,0 +1,1 @@
+"""Utilities below both the models and the training code (boxes)."""
