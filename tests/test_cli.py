@@ -5,9 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from msdeformattn.cli import main
-from msdeformattn.models import DeformableDETRConfig, build_model
+from msdeformattn.models import DeformableDETRConfig, build_model, post_process
 from msdeformattn.models.checkpoint import load_checkpoint, save_checkpoint
 
 
@@ -78,54 +79,94 @@ def test_load_rejects_foreign_files(tmp_path):
 def test_train_evaluate_visualize_predict(tmp_path, capsys):
     import json
 
-    from msdeformattn.train.synthetic import generate
+    from msdeformattn.train.synthetic import CLASSES, generate
 
     data = generate(tmp_path / "data", num_train=8, num_val=4, seed=0)
     run = tmp_path / "run"
-    main(
-        [
-            "train",
-            "--data",
-            str(data),
-            "-o",
-            str(run),
-            "--epochs",
-            "1",
-            "--batch-size",
-            "4",
-            "--image-size",
-            "64",
-        ]
-    )
+    main(["train", "--data", str(data), "-o", str(run), "--epochs", "1", "--batch-size", "4",
+          "--image-size", "64", "--device", "cpu"])  # fmt: skip
     out = capsys.readouterr().out
+    assert "epoch 1/1" in out
     assert json.loads(out[out.index("{") :])["AP50"] >= 0
-    assert (run / "checkpoint.pt").exists() and (run / "metrics.json").exists()
-    main(["evaluate", str(run / "checkpoint.pt"), "--data", str(data), "--image-size", "64"])
-    assert '"AP50"' in capsys.readouterr().out
-    main(
-        [
-            "visualize",
-            str(run / "checkpoint.pt"),
-            "--data",
-            str(data),
-            "-o",
-            str(tmp_path / "vis"),
-            "--image-size",
-            "64",
-        ]
-    )
+    assert (run / "last.pt").exists() and (run / "best.pt").exists()
+    # No flags needed to match training: image size and categories come from the checkpoint.
+    main(["evaluate", str(run / "best.pt"), "--data", str(data)])
+    metrics = json.loads(capsys.readouterr().out)
+    assert metrics == json.loads((run / "metrics.json").read_text())
+    main(["visualize", str(run / "last.pt"), "--data", str(data), "-o", str(tmp_path / "vis")])
     for name in ("detections.png", "sampling_points.png"):
         assert (tmp_path / "vis" / name).read_bytes()[:4] == b"\x89PNG"
-    main(
-        [
-            "predict",
-            str(run / "checkpoint.pt"),
-            str(data / "val" / "000000.png"),
-            "-o",
-            str(tmp_path / "pred"),
-        ]
-    )
+    image = data / "val" / "000000.png"
+    main(["predict", str(run / "last.pt"), str(image), "-o", str(tmp_path / "pred"),
+          "--threshold", "0"])  # fmt: skip
     assert (tmp_path / "pred" / "000000_detections.png").exists()
+    found = json.loads((tmp_path / "pred" / "detections.json").read_text())
+    assert found and {d["category_name"] for d in found} <= set(CLASSES)
+    # Boxes in the original image's pixels (160 px), not the 64 px the model saw.
+    model, _, _ = load_checkpoint(run / "last.pt")
+    pixels = torch.from_numpy(np.asarray(Image.open(image).convert("RGB"), dtype=np.float32) / 255)
+    small = torch.nn.functional.interpolate(
+        pixels.permute(2, 0, 1)[None], size=(64, 64), mode="bilinear", antialias=True
+    )
+    mean, std = torch.tensor([0.485, 0.456, 0.406]), torch.tensor([0.229, 0.224, 0.225])
+    with torch.no_grad():
+        out = model((small - mean.view(3, 1, 1)) / std.view(3, 1, 1))
+    (best,) = post_process(out, torch.tensor([[160, 160]]), top_k=1)
+    x0, y0, x1, y1 = best["boxes"][0].tolist()
+    assert found[0]["bbox"] == pytest.approx([x0, y0, x1 - x0, y1 - y0], abs=0.05)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (
+            ["train", "--data", "{tmp}/nowhere", "-o", "{tmp}/run"],
+            "--data: .*nowhere.* does not exist",
+        ),
+        (
+            ["train", "--data", "{data}", "-o", "{tmp}/run", "--batch-size", "0"],
+            "--batch-size: .*must be > 0",
+        ),
+        (
+            ["train", "--data", "{data}", "-o", "{tmp}/run", "--minutes", "-1"],
+            "--minutes: .*must be > 0",
+        ),
+        (
+            ["train", "--data", "{data}", "-o", "{tmp}/run", "--resume"],
+            "--resume: .* nothing to resume",
+        ),
+        (
+            ["train", "--data", "{data}", "-o", "{tmp}/run", "--device", "cuda:7"]
+            if not torch.cuda.is_available()
+            else ["train", "--data", "{data}", "-o", "{tmp}/run", "--device", "tpu"],
+            "--device",
+        ),
+        (
+            ["train", "--data", "{data}", "-o", "{tmp}/run", "--config", "{tmp}/bad.json"],
+            "bad.json: unknown TrainConfig fields \\['learning_rate'\\]",
+        ),
+        (
+            ["evaluate", "{tmp}/missing.pt", "--data", "{data}"],
+            "checkpoint: .*missing.pt does not exist",
+        ),
+    ],
+    ids=["data", "batch-size", "minutes", "resume", "device", "config", "checkpoint"],
+)
+def test_user_mistakes_are_one_line_and_exit_2(tmp_path, capsys, args, message):
+    import re
+
+    from msdeformattn.train.synthetic import generate
+
+    data = generate(tmp_path / "data", num_train=2, num_val=1, seed=0)
+    (tmp_path / "bad.json").write_text('{"learning_rate": 1}')
+    argv = [a.format(tmp=tmp_path, data=data) for a in args]
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert re.search(message, err[-1]), err
+    assert not any("Traceback" in line for line in err)
+    assert not (tmp_path / "run" / "last.pt").exists()
 
 
 def test_demo_end_to_end_on_a_small_budget(tmp_path, capsys):

@@ -3,12 +3,34 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import sys
 from pathlib import Path
 
 import torch
 
+from .train.config import PRESETS
+
 __all__ = ["main"]
+
+
+def _positive(kind):
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a {kind.__name__}, got {text!r}") from None
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+        return value
+
+    parse.__name__ = f"positive {kind.__name__}"
+    return parse
+
+
+def _device_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", help="cpu, cuda, cuda:N (default: CUDA when available)")
 
 
 def _export(args: argparse.Namespace) -> None:
@@ -38,82 +60,184 @@ def _export(args: argparse.Namespace) -> None:
     print(f"wrote {args.output}")
 
 
-def _train_config(args: argparse.Namespace):
-    import dataclasses
-    import json
+def _train_config(args: argparse.Namespace, base):
+    from .train.config import TrainConfig, load_json_config
 
-    from .train.loop import TrainConfig
-
-    values = json.loads(Path(args.config).read_text()) if args.config else {}
-    for field in dataclasses.fields(TrainConfig):
-        flag = getattr(args, field.name, None)
-        if flag is not None:
-            values[field.name] = flag
-    return TrainConfig(**values)
+    flags = {f.name: getattr(args, f.name, None) for f in dataclasses.fields(TrainConfig)}
+    return load_json_config(TrainConfig, args.config, base, **flags)
 
 
-def _model_config(args: argparse.Namespace, num_classes: int):
+def _model_config(args: argparse.Namespace, base):
     from .models import DeformableDETRConfig
+    from .train.config import load_json_config
 
-    return DeformableDETRConfig.tiny(
-        num_classes=num_classes,
-        with_box_refine=args.with_box_refine,
-        two_stage=args.two_stage,
-        backbone_norm=args.backbone_norm,
-    )
+    flags = {
+        "with_box_refine": args.with_box_refine or None,
+        "two_stage": args.two_stage or None,
+        "backbone_norm": args.backbone_norm,
+    }
+    return load_json_config(DeformableDETRConfig, args.model_config, base, **flags)
 
 
 def _train(args: argparse.Namespace) -> None:
-    import json
-
+    from .models import DeformableDETR
+    from .models.convert import load_backbone_weights
+    from .train.config import PRESETS
     from .train.data import CocoDetection
     from .train.loop import train
 
     data = Path(args.data)
-    names = CocoDetection(data / "val", data / "annotations/instances_val.json")
+    _require(data / "annotations/instances_val.json", "--data")
+    _require(data / "annotations/instances_train.json", "--data")
+    num_classes = CocoDetection(data / "val", data / "annotations/instances_val.json").num_classes
+    model = None
+    if args.resume:
+        model_config = cfg = None
+        if args.epochs is not None or args.minutes is not None:
+            base = _saved_train_config(Path(args.output) / "last.pt")
+            cfg = dataclasses.replace(
+                base,
+                epochs=args.epochs or base.epochs,
+                minutes=args.minutes if args.minutes is not None else base.minutes,
+            )
+    else:
+        # An initialisation from published weights fine-tunes with the paper's recipe.
+        preset = PRESETS[args.model or ("deformable-detr" if args.init else "tiny")]
+        cfg = _train_config(args, preset.train)
+        if args.init:
+            model, report = DeformableDETR.from_pretrained(
+                args.init, num_classes=num_classes, output_loading_info=True
+            )
+            print(f"initialised from {args.init}: {report}")
+            model_config = _model_config(args, model.config)
+            if model_config != model.config:
+                raise ValueError(
+                    "--init: the model comes from SOURCE; --model-config and model "
+                    "flags cannot change it"
+                )
+        else:
+            model_config = _model_config(args, preset.model(num_classes))
+        if args.backbone_weights:
+            if model is None:
+                from .models import build_model
+
+                model = build_model(model_config)
+            print(
+                f"backbone from {args.backbone_weights}: "
+                f"{load_backbone_weights(model, args.backbone_weights)}"
+            )
     metrics = train(
         data,
         args.output,
-        _model_config(args, names.num_classes),
-        _train_config(args),
+        model_config,
+        cfg,
         resume=args.resume,
+        device=args.device,
+        model=model,
     )
     print(json.dumps(metrics, indent=1))
 
 
-def _evaluate(args: argparse.Namespace) -> None:
-    import json
+def _saved_train_config(path: Path):
+    from .train.config import TrainConfig, from_dict
 
+    _require(path, "--resume")
+    return from_dict(
+        TrainConfig, torch.load(path, map_location="cpu", weights_only=True)["train_config"]
+    )
+
+
+def _require(path: Path, flag: str) -> None:
+    if not path.exists():
+        raise FileNotFoundError(f"{flag}: {path} does not exist")
+
+
+def _load(args: argparse.Namespace):
+    """(model on the device, config, checkpoint extras, device) of ``args.checkpoint``."""
     from .models.checkpoint import load_checkpoint
-    from .train.evaluate import evaluate
-    from .train.loop import TrainConfig, build_loaders
+    from .train.loop import resolve_device
 
-    model, _, _ = load_checkpoint(args.checkpoint)
-    cfg = TrainConfig(image_size=args.image_size, batch_size=args.batch_size)
-    _, val_set, _, val_loader = build_loaders(Path(args.data), cfg)
-    print(json.dumps(evaluate(model, val_loader, val_set), indent=1))
+    _require(Path(args.checkpoint), "checkpoint")
+    device = resolve_device(args.device)
+    model, config, extra = load_checkpoint(args.checkpoint)
+    return model.to(device), config, extra, device
 
 
-def _pictures(model, data: Path, output: Path, image_size: int) -> list[Path]:
-    from .train.loop import TrainConfig, build_loaders
+def _eval_config(extra: dict, args: argparse.Namespace):
+    """The evaluation sizes the checkpoint was trained for, unless a flag overrides them."""
+    from .train.config import TrainConfig
+
+    return TrainConfig(
+        image_size=args.image_size or extra.get("image_size", 160),
+        max_size=extra.get("max_size", 1333),
+        augmentation=extra.get("augmentation", "simple"),
+        batch_size=getattr(args, "batch_size", 4),
+        num_workers=0,
+    )
+
+
+def _category_ids(config, extra: dict, dataset) -> list[int]:
+    """The COCO category of each of the model's classes, checked against the dataset."""
+    saved = extra.get("dataset", {}).get("category_ids")
+    if saved is None:
+        if config.num_classes != dataset.num_classes:
+            raise ValueError(
+                f"the checkpoint has {config.num_classes} classes, the dataset "
+                f"{dataset.num_classes} categories"
+            )
+        return list(dataset.category_ids)
+    unknown = sorted(set(dataset.category_ids) - set(saved))
+    if unknown:
+        raise ValueError(f"--data: categories {unknown} are not among the checkpoint's {saved}")
+    return list(saved)
+
+
+def _val_set(data: Path, cfg):
+    from .train.data import CocoDetection
+    from .train.loop import eval_transforms
+
+    _require(data / "annotations/instances_val.json", "--data")
+    return CocoDetection(
+        data / "val", data / "annotations/instances_val.json", eval_transforms(cfg)
+    )
+
+
+def _evaluate(args: argparse.Namespace) -> None:
+    from .models.postprocess import PostProcess
+    from .train.data import collate
+    from .train.engine import evaluate
+
+    model, config, extra, device = _load(args)
+    cfg = _eval_config(extra, args)
+    val_set = _val_set(Path(args.data), cfg)
+    ids = _category_ids(config, extra, val_set)
+    loader = torch.utils.data.DataLoader(val_set, batch_size=cfg.batch_size, collate_fn=collate)
+    print(json.dumps(evaluate(model, PostProcess(), loader, val_set, device, ids), indent=1))
+
+
+def _class_names(config, extra: dict) -> list[str]:
+    names = extra.get("dataset", {}).get("category_names")
+    return list(names) if names else [str(k) for k in range(config.num_classes)]
+
+
+def _pictures(model, config, extra, data: Path, output: Path, cfg, threshold: float) -> list[Path]:
+    from .train.data import collate
     from .train.visualize import draw_detections, draw_sampling_points
 
-    _, val_set, _, loader = build_loaders(data, TrainConfig(image_size=image_size, batch_size=4))
-    images, mask, _ = next(iter(loader))
-    names = [val_set.coco.cats[c]["name"] for c in val_set.category_ids]
+    val_set = _val_set(data, cfg)
+    images, mask, _ = collate([val_set[i] for i in range(min(4, len(val_set)))])
     detections, sampling = output / "detections.png", output / "sampling_points.png"
-    draw_detections(model, images, mask, detections, names)
+    draw_detections(model, images, mask, detections, _class_names(config, extra), threshold)
     draw_sampling_points(model, images[0], sampling)
     return [detections, sampling]
 
 
 def _visualize(args: argparse.Namespace) -> None:
-    from .models.checkpoint import load_checkpoint
-
-    model, _, _ = load_checkpoint(args.checkpoint)
+    model, config, extra, _ = _load(args)
     output = Path(args.output)
     output.mkdir(parents=True, exist_ok=True)
-    for path in _pictures(model, Path(args.data), output, args.image_size):
+    cfg = _eval_config(extra, args)
+    for path in _pictures(model, config, extra, Path(args.data), output, cfg, args.threshold):
         print(f"wrote {path}")
 
 
@@ -121,30 +245,59 @@ def _predict(args: argparse.Namespace) -> None:
     import numpy as np
     from PIL import Image
 
-    from .models.checkpoint import load_checkpoint
-    from .train.data import Normalize, Resize, collate
-    from .train.visualize import draw_detections
+    from .models.deformable_detr import post_process
+    from .train.data import collate
+    from .train.loop import eval_transforms
+    from .train.visualize import draw_boxes
 
-    model, _, _ = load_checkpoint(args.checkpoint)
+    model, config, extra, device = _load(args)
+    transform = eval_transforms(_eval_config(extra, args))
+    names = _class_names(config, extra)
+    ids = extra.get("dataset", {}).get("category_ids") or list(range(config.num_classes))
     output = Path(args.output)
     output.mkdir(parents=True, exist_ok=True)
-    resize, normalize = Resize([args.image_size]), Normalize()
+    found = []
     for name in args.images:
-        pixels = np.asarray(Image.open(name).convert("RGB"), dtype=np.float32) / 255
-        image = torch.from_numpy(pixels).permute(2, 0, 1)
-        image, _ = normalize(*resize(image, {"boxes": torch.zeros(0, 4)}))
+        _require(Path(name), "images")
+        rgb = np.asarray(Image.open(name).convert("RGB"))
+        image = torch.from_numpy(rgb.astype(np.float32) / 255).permute(2, 0, 1)
+        image, _ = transform(image, {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0)})
         images, mask, _ = collate([(image, {})])
+        with torch.no_grad():
+            out = model(images.to(device), mask.to(device))
+        # Boxes in the original image's pixels.
+        (result,) = post_process(out, torch.tensor([rgb.shape[:2]], device=device))
+        result = {k: v.cpu() for k, v in result.items()}
         path = output / (Path(name).stem + "_detections.png")
-        draw_detections(model, images, mask, path, threshold=args.threshold)
+        draw_boxes(rgb, result, path, names, args.threshold)
+        for score, label, (x0, y0, x1, y1) in zip(
+            result["scores"].tolist(),
+            result["labels"].tolist(),
+            result["boxes"].tolist(),
+            strict=True,
+        ):
+            if score >= args.threshold:
+                found.append(
+                    {
+                        "file": str(name),
+                        "category_id": ids[label],
+                        "category_name": names[label],
+                        "score": round(score, 4),
+                        "bbox": [round(v, 2) for v in (x0, y0, x1 - x0, y1 - y0)],
+                    }
+                )
         print(f"wrote {path}")
+    (output / "detections.json").write_text(json.dumps(found, indent=1))
+    print(f"wrote {output / 'detections.json'} ({len(found)} boxes above {args.threshold})")
 
 
 def _demo(args: argparse.Namespace) -> None:
+    import shutil
     import time
 
-    from .models import DeformableDETRConfig
     from .models.checkpoint import load_checkpoint
-    from .train.loop import TrainConfig, train
+    from .train.config import PRESETS
+    from .train.loop import RUN_FILES, resolve_device, train
     from .train.synthetic import CLASSES, generate
 
     output = Path(args.output)
@@ -153,18 +306,26 @@ def _demo(args: argparse.Namespace) -> None:
     if not (data / "annotations/instances_val.json").exists():
         print(f"generating the synthetic dataset in {data} ...", flush=True)
         generate(data, num_train=args.train_images, num_val=args.val_images, seed=args.seed)
-    cfg = TrainConfig(minutes=args.minutes, seed=args.seed, eval_every_epochs=2)
-    metrics = train(data, output, DeformableDETRConfig.tiny(num_classes=len(CLASSES)), cfg)
-    model, _, _ = load_checkpoint(output / "checkpoint.pt")
-    pictures = _pictures(model, data, output, cfg.image_size)
+    # A re-run trains into a new folder: earlier runs are kept.
+    run, k = output / "run", 1
+    while any((run / name).exists() for name in RUN_FILES):
+        k += 1
+        run = output / f"run-{k}"
+    preset = PRESETS["tiny"]
+    cfg = dataclasses.replace(preset.train, minutes=args.minutes, seed=args.seed, eval_every=2)
+    metrics = train(data, run, preset.model(len(CLASSES)), cfg, device=args.device)
+    shutil.copyfile(run / "metrics.json", output / "metrics.json")
+    model, config, extra = load_checkpoint(run / "last.pt")
+    model.to(resolve_device(args.device))
+    pictures = _pictures(model, config, extra, data, output, cfg, 0.3)
     print(
-        f"\ntrained the tiny Deformable DETR for {args.minutes} min on the CPU "
+        f"\ntrained the tiny Deformable DETR for {args.minutes} min "
         f"({time.perf_counter() - t0:.0f} s in all)"
     )
     print("COCO metrics on the synthetic validation split:")
     print("  " + "  ".join(f"{k} {metrics[k]:.3f}" for k in ("AP", "AP50", "AP75")))
     print(
-        f"wrote {output / 'metrics.json'}, {output / 'log.jsonl'}, "
+        f"wrote {output / 'metrics.json'}, {run} (checkpoints, log, curves.png), "
         + ", ".join(str(p) for p in pictures)
     )
 
@@ -199,23 +360,50 @@ def main(argv: list[str] | None = None) -> None:
         metavar=("H", "W"),
         help="example size to trace with (multiples of 64); other sizes work too",
     )
-    train_p = sub.add_parser("train", help="train on a COCO-format dataset")
+    train_p = sub.add_parser(
+        "train",
+        help="train on a COCO-format dataset",
+        description="Train Deformable DETR on a COCO-format folder. Settings come from the "
+        "--model preset, then --model-config/--config JSON files, then flags.",
+    )
     train_p.add_argument("--data", required=True, help="folder with train/, val/, annotations/")
-    train_p.add_argument("--output", "-o", required=True)
+    train_p.add_argument("--output", "-o", required=True, help="run folder (must be new)")
+    train_p.add_argument(
+        "--model",
+        choices=list(PRESETS),
+        help="preset: model and recipe (default: tiny, or deformable-detr with --init)",
+    )
+    train_p.add_argument("--model-config", help="JSON file of DeformableDETRConfig fields")
     train_p.add_argument("--config", help="JSON file of TrainConfig fields (flags override)")
-    train_p.add_argument("--minutes", type=float, help="wall-clock training budget")
-    train_p.add_argument("--epochs", type=int)
-    train_p.add_argument("--batch-size", dest="batch_size", type=int)
-    train_p.add_argument("--lr", type=float)
-    train_p.add_argument("--image-size", dest="image_size", type=int)
+    train_p.add_argument(
+        "--init",
+        metavar="SOURCE",
+        help="start from weights: our checkpoint, the reference .pth, or a transformers "
+        "save_pretrained folder; class heads are re-initialised when the class count differs",
+    )
+    train_p.add_argument(
+        "--backbone-weights",
+        metavar="FILE",
+        help="torchvision-layout ResNet state dict (fc ignored)",
+    )
+    _device_flag(train_p)
+    train_p.add_argument("--amp", choices=["bf16", "fp16"], help="mixed precision (autocast)")
+    train_p.add_argument("--minutes", type=_positive(float), help="wall-clock training budget")
+    train_p.add_argument("--epochs", type=_positive(int))
+    train_p.add_argument("--batch-size", dest="batch_size", type=_positive(int), help="global")
+    train_p.add_argument("--lr", type=_positive(float))
+    train_p.add_argument("--schedule", choices=["step", "cosine", "constant"])
+    train_p.add_argument("--ema-decay", type=float, help="EMA of the weights for evaluation")
+    train_p.add_argument("--eval-every", dest="eval_every", type=_positive(int), help="epochs")
+    train_p.add_argument("--image-size", dest="image_size", type=_positive(int))
+    train_p.add_argument("--workers", dest="num_workers", type=int, help="data-loading processes")
     train_p.add_argument("--seed", type=int)
     train_p.add_argument("--with-box-refine", action="store_true")
     train_p.add_argument("--two-stage", action="store_true")
     train_p.add_argument(
         "--backbone-norm",
         choices=["batch", "frozen"],
-        default="batch",
-        help="trainable BatchNorm (from scratch) or frozen",
+        help="trainable BatchNorm (from scratch) or frozen (pretrained)",
     )
     train_p.add_argument(
         "--no-flip",
@@ -224,31 +412,40 @@ def main(argv: list[str] | None = None) -> None:
         const=False,
         help="no random horizontal flips",
     )
-    train_p.add_argument("--resume", action="store_true", help="continue from OUTPUT/checkpoint.pt")
+    train_p.add_argument(
+        "--resume", action="store_true", help="continue OUTPUT/last.pt exactly where it stopped"
+    )
     eval_p = sub.add_parser("evaluate", help="COCO metrics of a checkpoint")
     eval_p.add_argument("checkpoint")
     eval_p.add_argument("--data", required=True)
-    eval_p.add_argument("--image-size", type=int, default=160)
-    eval_p.add_argument("--batch-size", type=int, default=8)
+    eval_p.add_argument("--image-size", type=_positive(int), help="default: the training size")
+    eval_p.add_argument("--batch-size", type=_positive(int), default=8)
+    _device_flag(eval_p)
     vis_p = sub.add_parser("visualize", help="detections and sampling-point pictures")
     vis_p.add_argument("checkpoint")
     vis_p.add_argument("--data", required=True)
     vis_p.add_argument("--output", "-o", required=True)
-    vis_p.add_argument("--image-size", type=int, default=160)
-    pred_p = sub.add_parser("predict", help="draw a checkpoint's detections on images")
+    vis_p.add_argument("--image-size", type=_positive(int), help="default: the training size")
+    vis_p.add_argument("--threshold", type=float, default=0.3)
+    _device_flag(vis_p)
+    pred_p = sub.add_parser(
+        "predict", help="detections of a checkpoint on images (PNG pictures and detections.json)"
+    )
     pred_p.add_argument("checkpoint")
     pred_p.add_argument("images", nargs="+")
     pred_p.add_argument("--output", "-o", required=True)
-    pred_p.add_argument("--image-size", type=int, default=160)
+    pred_p.add_argument("--image-size", type=_positive(int), help="default: the training size")
     pred_p.add_argument("--threshold", type=float, default=0.3)
+    _device_flag(pred_p)
     demo_p = sub.add_parser(
         "demo", help="synthetic data -> train (tiny) -> COCO metrics -> pictures"
     )
     demo_p.add_argument("--output", "-o", required=True)
-    demo_p.add_argument("--minutes", type=float, default=10.0)
+    demo_p.add_argument("--minutes", type=_positive(float), default=10.0)
     demo_p.add_argument("--seed", type=int, default=0)
-    demo_p.add_argument("--train-images", type=int, default=2000)
-    demo_p.add_argument("--val-images", type=int, default=200)
+    demo_p.add_argument("--train-images", type=_positive(int), default=2000)
+    demo_p.add_argument("--val-images", type=_positive(int), default=200)
+    _device_flag(demo_p)
     cmp_p = sub.add_parser("compare", help="deformable vs dense attention, same budget, one plot")
     cmp_p.add_argument("--output", "-o", required=True)
     cmp_p.add_argument("--minutes", type=float, default=10.0, help="per model")
@@ -269,7 +466,11 @@ def main(argv: list[str] | None = None) -> None:
         "demo": _demo,
         "compare": _compare,
     }
-    commands[args.command](args)
+    try:
+        commands[args.command](args)
+    except (ValueError, FileNotFoundError, FileExistsError) as e:
+        # A user's mistake: one line naming what is wrong, exit status 2.
+        parser.exit(2, f"msdeformattn {args.command}: error: {e}\n")
 
 
 if __name__ == "__main__":

@@ -9,8 +9,9 @@ import torch
 
 from msdeformattn.models import DeformableDETRConfig, build_model
 from msdeformattn.nn.dense import DenseDecoderLayer, DenseEncoderLayer
-from msdeformattn.train.compare import plot_curves
-from msdeformattn.train.loop import TrainConfig, train
+from msdeformattn.train.config import TrainConfig
+from msdeformattn.train.loop import train
+from msdeformattn.train.plots import plot_curves
 from msdeformattn.train.synthetic import generate
 
 
@@ -37,7 +38,7 @@ def test_dense_baseline_trains_and_the_plot_is_written(tmp_path):
             data,
             run,
             config,
-            TrainConfig(batch_size=2, epochs=2, eval_every_epochs=1, image_size=64),
+            TrainConfig(batch_size=2, epochs=2, eval_every=1, image_size=64, augmentation="simple"),
             progress=False,
         )
         logs[attention] = run / "log.jsonl"

@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 
+from msdeformattn.train.coco_eval import coco_metrics
 from msdeformattn.train.data import (
     CocoDetection,
     Compose,
@@ -15,7 +16,6 @@ from msdeformattn.train.data import (
     Resize,
     collate,
 )
-from msdeformattn.train.evaluate import coco_metrics
 from msdeformattn.train.synthetic import CLASSES, generate
 
 

@@ -8,13 +8,15 @@ import pytest
 import torch
 
 from msdeformattn.models import DeformableDETRConfig, build_model
+from msdeformattn.train.build import build_criterion
+from msdeformattn.train.config import TrainConfig
+from msdeformattn.train.losses import SetCriterion, sigmoid_focal_loss
+from msdeformattn.train.matcher import HungarianMatcher
 from msdeformattn.util.box_ops import (
     box_cxcywh_to_xyxy,
     box_xyxy_to_cxcywh,
     generalized_box_iou,
 )
-from msdeformattn.train.losses import SetCriterion, sigmoid_focal_loss
-from msdeformattn.train.matcher import HungarianMatcher
 
 
 def test_giou_known_values():
@@ -120,13 +122,18 @@ def test_criterion_covers_aux_and_encoder_outputs_and_backpropagates():
         },
         {"labels": torch.tensor([1]), "boxes": torch.tensor([[0.5, 0.5, 0.5, 0.5]])},
     ]
-    losses = SetCriterion(num_classes=3)(out, targets)
+    config = DeformableDETRConfig.tiny(num_classes=3, with_box_refine=True, two_stage=True)
+    criterion = build_criterion(config, TrainConfig(cls_loss_coef=3.0))
+    losses = criterion(out, targets)
+    # Final output, one auxiliary output per earlier decoder layer, and the proposals.
+    assert set(losses) == set(criterion.weight_dict)
     assert {"loss_ce", "loss_bbox_0", "loss_giou_enc"} <= set(losses)
     expected = sum(
-        {"ce": 2, "bbox": 5, "giou": 2}[k.split("_")[1]] * v
-        for k, v in losses.items()
-        if k != "loss"
+        {"ce": 3, "bbox": 5, "giou": 2}[k.split("_")[1]] * v for k, v in losses.items()
     )
-    torch.testing.assert_close(losses["loss"], expected)
-    losses["loss"].backward()
+    total = criterion.weighted_sum(losses)
+    torch.testing.assert_close(total, expected)
+    with pytest.raises(ValueError, match="no weight for loss terms"):
+        criterion.weighted_sum({**losses, "loss_extra": total})
+    total.backward()
     assert model.class_embed[0].weight.grad.abs().sum() > 0

@@ -1,26 +1,62 @@
-"""A COCO-format detection dataset, the usual transforms, and padded batching with masks.
+"""A COCO-format detection dataset, DETR's transforms, and padded batching with masks.
 
 Any dataset laid out as images plus a COCO instances JSON works
 (``pycocotools`` reads the annotations). Targets carry normalised
 (cx, cy, w, h) boxes and contiguous labels 0..K-1 for the model, plus what
 evaluation needs to map back (image id, original size, category ids).
+
+Transforms take ``(image (3, H, W) float, target, generator)`` and return
+``(image, target)``; ``target["boxes"]`` is (T, 4) pixel xyxy while they run.
+Random transforms draw only from the generator they are called with, and the
+dataset makes one per sample from ``(seed, epoch, index)``: augmentation is the
+same whatever the number of DataLoader workers, the global RNG state, or a
+resume in the middle of training.
 """
 
 from __future__ import annotations
 
 import contextlib
 import io
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
 from pycocotools.coco import COCO
 
-__all__ = ["CocoDetection", "Compose", "Normalize", "RandomHorizontalFlip", "Resize", "collate"]
+from ..util.box_ops import box_xyxy_to_cxcywh
+
+__all__ = [
+    "CocoDetection",
+    "Compose",
+    "Normalize",
+    "RandomHorizontalFlip",
+    "RandomResize",
+    "RandomSelect",
+    "RandomSizeCrop",
+    "Resize",
+    "collate",
+    "detr_eval_transforms",
+    "detr_train_transforms",
+    "simple_eval_transforms",
+    "simple_train_transforms",
+]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+
+# Target fields with one entry per box: filtered together with "boxes".
+_PER_BOX_FIELDS = ("labels", "area", "iscrowd")
+
+Target = dict[str, Any]
+Transform = Callable[..., tuple[torch.Tensor, Target]]
+
+
+def _sample_seed(seed: int, epoch: int, index: int) -> int:
+    """One generator seed per (seed, epoch, index), distinct for epoch and index < 1_000_003."""
+    return (seed * 1_000_003**2 + epoch * 1_000_003 + index) % (1 << 63)
 
 
 class CocoDetection(torch.utils.data.Dataset):
@@ -28,9 +64,19 @@ class CocoDetection(torch.utils.data.Dataset):
 
     target: ``boxes`` (T, 4) normalised cxcywh, ``labels`` (T,) in 0..K-1,
     ``image_id``, ``orig_size`` (H, W) and ``size`` after transforms.
+
+    The transforms of sample ``i`` get a generator seeded from ``(seed, epoch, i)``;
+    call ``set_epoch`` before each epoch for a fresh draw. The epoch lives in
+    shared memory, so the call also reaches persistent DataLoader workers.
     """
 
-    def __init__(self, images: str | Path, annotations: str | Path, transforms=None) -> None:
+    def __init__(
+        self,
+        images: str | Path,
+        annotations: str | Path,
+        transforms: Transform | None = None,
+        seed: int = 0,
+    ) -> None:
         self.images = Path(images)
         with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints its progress
             self.coco = COCO(str(annotations))
@@ -38,15 +84,25 @@ class CocoDetection(torch.utils.data.Dataset):
         self.category_ids = sorted(self.coco.cats)
         self.label_of = {c: i for i, c in enumerate(self.category_ids)}
         self.transforms = transforms
+        self.seed = seed
+        # Shared with worker processes, which keep their own copy of everything else.
+        self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
 
     @property
     def num_classes(self) -> int:
         return len(self.category_ids)
 
+    @property
+    def epoch(self) -> int:
+        return int(self._epoch)
+
+    def set_epoch(self, epoch: int) -> None:
+        self._epoch.fill_(epoch)
+
     def __len__(self) -> int:
         return len(self.ids)
 
-    def __getitem__(self, index: int):
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, Target]:
         image_id = self.ids[index]
         info = self.coco.imgs[image_id]
         image = Image.open(self.images / info["file_name"]).convert("RGB")
@@ -66,60 +122,72 @@ class CocoDetection(torch.utils.data.Dataset):
         }
         tensor = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)
         if self.transforms is not None:
-            tensor, target = self.transforms(tensor, target)
+            generator = torch.Generator().manual_seed(_sample_seed(self.seed, self.epoch, index))
+            tensor, target = self.transforms(tensor, target, generator)
         h, w = tensor.shape[-2:]
-        xyxy = target["boxes"]
-        cxcywh = torch.stack(
-            [
-                (xyxy[:, 0] + xyxy[:, 2]) / 2,
-                (xyxy[:, 1] + xyxy[:, 3]) / 2,
-                xyxy[:, 2] - xyxy[:, 0],
-                xyxy[:, 3] - xyxy[:, 1],
-            ],
-            -1,
-        )
-        target["boxes"] = cxcywh / torch.tensor([w, h, w, h], dtype=torch.float32)
+        scale = torch.tensor([w, h, w, h], dtype=torch.float32)
+        target["boxes"] = box_xyxy_to_cxcywh(target["boxes"]) / scale
         target["size"] = torch.tensor([h, w])
         return tensor, target
 
 
 class Compose:
-    def __init__(self, transforms) -> None:
+    """Apply transforms in order, each with the same generator."""
+
+    def __init__(self, transforms: Iterable[Transform]) -> None:
         self.transforms = list(transforms)
 
-    def __call__(self, image, target):
+    def __call__(
+        self, image: torch.Tensor, target: Target, generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, Target]:
         for t in self.transforms:
-            image, target = t(image, target)
+            image, target = t(image, target, generator)
         return image, target
+
+
+def _check_probability(p: float) -> None:
+    if not 0.0 <= p <= 1.0:
+        raise ValueError(f"p must be a probability in [0, 1], got {p}")
 
 
 class RandomHorizontalFlip:
-    def __init__(self, p: float = 0.5, generator: torch.Generator | None = None) -> None:
+    """Mirror the image left-right with probability ``p``; boxes follow."""
+
+    def __init__(self, p: float = 0.5) -> None:
+        _check_probability(p)
         self.p = p
-        self.generator = generator
 
-    def __call__(self, image, target):
-        if torch.rand((), generator=self.generator) < self.p:
-            W = image.shape[-1]
-            image = image.flip(-1)
-            boxes = target["boxes"].clone()
-            boxes[:, [0, 2]] = W - target["boxes"][:, [2, 0]]
-            target = {**target, "boxes": boxes}
-        return image, target
+    def __call__(
+        self, image: torch.Tensor, target: Target, generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, Target]:
+        if torch.rand((), generator=generator) >= self.p:
+            return image, target
+        W = image.shape[-1]
+        boxes = target["boxes"].clone()
+        boxes[:, [0, 2]] = W - target["boxes"][:, [2, 0]]
+        return image.flip(-1), {**target, "boxes": boxes}
 
 
-class Resize:
-    """Resize keeping the aspect ratio: shorter side to one of ``sizes``, longer <= ``max_size``."""
+class RandomResize:
+    """Resize keeping the aspect ratio: shorter side to one of ``sizes``, longer <= ``max_size``.
 
-    def __init__(
-        self, sizes, max_size: int | None = None, generator: torch.Generator | None = None
-    ) -> None:
-        self.sizes = list(sizes) if not isinstance(sizes, int) else [sizes]
+    The size is drawn uniformly from ``sizes``; with a single size nothing is drawn.
+    Boxes (and ``area`` if present) are scaled with the image.
+    """
+
+    def __init__(self, sizes: int | Sequence[int], max_size: int | None = None) -> None:
+        self.sizes = [sizes] if isinstance(sizes, int) else list(sizes)
+        if not self.sizes:
+            raise ValueError("sizes must hold at least one size, got an empty sequence")
         self.max_size = max_size
-        self.generator = generator
 
-    def __call__(self, image, target):
-        size = self.sizes[int(torch.randint(len(self.sizes), (), generator=self.generator))]
+    def __call__(
+        self, image: torch.Tensor, target: Target, generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, Target]:
+        if len(self.sizes) == 1:
+            size = self.sizes[0]
+        else:
+            size = self.sizes[int(torch.randint(len(self.sizes), (), generator=generator))]
         H, W = image.shape[-2:]
         scale = size / min(H, W)
         if self.max_size is not None:
@@ -130,17 +198,127 @@ class Resize:
         image = torch.nn.functional.interpolate(
             image[None], size=(h, w), mode="bilinear", align_corners=False, antialias=True
         )[0]
-        boxes = target["boxes"] * torch.tensor([w / W, h / H, w / W, h / H])
-        return image, {**target, "boxes": boxes}
+        target = {**target, "boxes": target["boxes"] * torch.tensor([w / W, h / H, w / W, h / H])}
+        if "area" in target:
+            target["area"] = target["area"] * (w * h / (W * H))
+        return image, target
+
+
+Resize = RandomResize
+
+
+class RandomSizeCrop:
+    """Crop a random window: width in [min_size, min(W, max_size)], height likewise.
+
+    An image narrower (shorter) than ``min_size`` keeps its full width (height).
+    Boxes are clipped to the window; those left with no area are dropped together
+    with their ``labels``, ``area`` and ``iscrowd``, and ``area`` becomes the
+    clipped box area.
+    """
+
+    def __init__(self, min_size: int, max_size: int) -> None:
+        if not 0 < min_size <= max_size:
+            raise ValueError(
+                f"need 0 < min_size <= max_size, got min_size={min_size}, max_size={max_size}"
+            )
+        self.min_size = min_size
+        self.max_size = max_size
+
+    def _draw(self, extent: int, generator: torch.Generator | None) -> int:
+        high = min(extent, self.max_size)
+        low = min(self.min_size, high)
+        return int(torch.randint(low, high + 1, (), generator=generator))
+
+    def __call__(
+        self, image: torch.Tensor, target: Target, generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, Target]:
+        H, W = image.shape[-2:]
+        w = self._draw(W, generator)
+        h = self._draw(H, generator)
+        top = int(torch.randint(H - h + 1, (), generator=generator))
+        left = int(torch.randint(W - w + 1, (), generator=generator))
+        image = image[..., top : top + h, left : left + w]
+        boxes = target["boxes"] - torch.tensor([left, top, left, top], dtype=torch.float32)
+        boxes = torch.min(boxes.view(-1, 2, 2), torch.tensor([w, h], dtype=torch.float32))
+        boxes = boxes.clamp(min=0)
+        keep = (boxes[:, 1] > boxes[:, 0]).all(-1)
+        target = {**target, "boxes": boxes.view(-1, 4)[keep]}
+        if "area" in target:
+            target["area"] = (boxes[:, 1] - boxes[:, 0]).prod(-1)
+        for field in _PER_BOX_FIELDS:
+            if field in target:
+                target[field] = target[field][keep]
+        return image, target
+
+
+class RandomSelect:
+    """Apply ``first`` with probability ``p``, otherwise ``second``."""
+
+    def __init__(self, first: Transform, second: Transform, p: float = 0.5) -> None:
+        _check_probability(p)
+        self.first = first
+        self.second = second
+        self.p = p
+
+    def __call__(
+        self, image: torch.Tensor, target: Target, generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, Target]:
+        chosen = self.first if torch.rand((), generator=generator) < self.p else self.second
+        return chosen(image, target, generator)
 
 
 class Normalize:
-    def __init__(self, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> None:
+    """Subtract the channel mean and divide by the standard deviation (ImageNet's by default)."""
+
+    def __init__(
+        self, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD
+    ) -> None:
         self.mean = torch.tensor(mean).view(3, 1, 1)
         self.std = torch.tensor(std).view(3, 1, 1)
 
-    def __call__(self, image, target):
+    def __call__(
+        self, image: torch.Tensor, target: Target, generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, Target]:
         return (image - self.mean) / self.std, target
+
+
+def detr_train_transforms(
+    scales: Iterable[int] = range(480, 801, 32), max_size: int = 1333, flip: bool = True
+) -> Compose:
+    """DETR's COCO training augmentation: flip (unless ``flip=False``), then either a
+    multi-scale resize or a resize, random crop and multi-scale resize, then normalisation."""
+    scales = list(scales)
+    return Compose(
+        [
+            *([RandomHorizontalFlip(0.5)] if flip else []),
+            RandomSelect(
+                RandomResize(scales, max_size),
+                Compose(
+                    [
+                        RandomResize([400, 500, 600]),
+                        RandomSizeCrop(384, 600),
+                        RandomResize(scales, max_size),
+                    ]
+                ),
+            ),
+            Normalize(),
+        ]
+    )
+
+
+def detr_eval_transforms(size: int = 800, max_size: int = 1333) -> Compose:
+    """DETR's COCO evaluation transform: shorter side ``size``, longer <= ``max_size``."""
+    return Compose([RandomResize([size], max_size), Normalize()])
+
+
+def simple_train_transforms(size: int, flip: bool = True) -> Compose:
+    """Small-image training: optional flip, shorter side to ``size``, normalisation."""
+    return Compose([*([RandomHorizontalFlip(0.5)] if flip else []), Resize([size]), Normalize()])
+
+
+def simple_eval_transforms(size: int) -> Compose:
+    """Small-image evaluation: shorter side to ``size``, normalisation."""
+    return Compose([Resize([size]), Normalize()])
 
 
 def collate(batch):

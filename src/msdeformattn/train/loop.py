@@ -1,5 +1,5 @@
-"""The training loop: AdamW with the paper's learning-rate groups, clipping, a wall-clock budget,
-JSON-lines logs, checkpoints and resume."""
+"""The training run: devices and processes, data, optimiser, schedule, EMA, evaluation,
+checkpoints worth keeping and exact resume. The per-epoch work is in :mod:`.engine`."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import json
 import os
 import random
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -15,44 +16,62 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from ..models.checkpoint import load_checkpoint, save_checkpoint
-from ..models.deformable_detr import DeformableDETRConfig, build_model
-from .data import CocoDetection, Compose, Normalize, RandomHorizontalFlip, Resize, collate
-from .evaluate import evaluate
-from .losses import SetCriterion
+from ..models.deformable_detr import DeformableDETR, DeformableDETRConfig
+from .build import build
+from .config import PRESETS, TrainConfig, from_dict
+from .data import (
+    CocoDetection,
+    collate,
+    detr_eval_transforms,
+    detr_train_transforms,
+    simple_eval_transforms,
+    simple_train_transforms,
+)
+from .engine import evaluate, train_one_epoch
+from .plots import plot_training_curves
+from .schedule import build_scheduler, ema_model
 
-__all__ = ["TrainConfig", "build_loaders", "seed_everything", "train"]
+__all__ = [
+    "GlobalBatchSampler",
+    "TrainConfig",
+    "build_loaders",
+    "eval_transforms",
+    "resolve_device",
+    "seed_everything",
+    "train",
+]
+
+#: What a run folder holds; a new run refuses a folder that has any of them.
+RUN_FILES = ("last.pt", "best.pt", "log.jsonl", "metrics.json")
 
 
-@dataclasses.dataclass
-class TrainConfig:
-    """Optimisation settings; defaults suit the tiny preset on a laptop CPU."""
-
-    lr: float = 5e-4
-    #: backbone, sampling offsets and reference points train at lr * this (the paper: 0.1)
-    lr_slow_factor: float = 0.1
-    weight_decay: float = 1e-4
-    clip_max_norm: float = 0.1
-    batch_size: int = 8
-    epochs: int = 1000
-    #: stop after this many minutes of training, whatever the epochs
-    minutes: float | None = None
-    image_size: int = 160
-    num_workers: int = 0
-    seed: int = 0
-    eval_every_epochs: int = 5
-    #: random horizontal flips of training images
-    flip: bool = True
+def resolve_device(device: str | torch.device | None = None) -> torch.device:
+    """``device``, or CUDA when available else the CPU; a clear error for one that is absent."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"--device: unknown device {device!r} (e.g. cpu, cuda, cuda:1)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: CUDA is not available on this machine")
+    return device
 
 
-def distributed() -> tuple[int, int]:
-    """(rank, world size); joins the process group that ``torchrun`` describes, if any."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        if not torch.distributed.is_initialized():
-            backend = "nccl" if torch.cuda.is_available() else "gloo"
-            torch.distributed.init_process_group(backend)
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
+def setup_distributed(device: torch.device) -> tuple[int, int, torch.device]:
+    """(rank, world size, this process's device); joins ``torchrun``'s process group if any.
+
+    Under torchrun each rank takes ``cuda:LOCAL_RANK`` with NCCL, or the CPU with gloo.
+    """
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1, device
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    if not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return torch.distributed.get_rank(), torch.distributed.get_world_size(), device
 
 
 class GlobalBatchSampler(torch.utils.data.Sampler):
@@ -97,7 +116,29 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _param_groups(model, cfg: TrainConfig):
+def _rng_state() -> dict:
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": [name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
+        "python": random.getstate(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict]:
     slow_names = ("backbone.0", "sampling_offsets", "reference_points")
     slow, fast = [], []
     for name, p in model.named_parameters():
@@ -106,29 +147,64 @@ def _param_groups(model, cfg: TrainConfig):
     return [{"params": fast, "lr": cfg.lr}, {"params": slow, "lr": cfg.lr * cfg.lr_slow_factor}]
 
 
+def _freeze_pretrained_stem(model: DeformableDETR) -> None:
+    """As the reference does for a pretrained (frozen-BN) trunk: the stem and layer1 stay fixed."""
+    body = model.backbone[0].body
+    for module in (body.conv1, body.bn1, body.layer1):
+        for p in module.parameters():
+            p.requires_grad_(False)
+
+
+def eval_transforms(cfg: TrainConfig):
+    if cfg.augmentation == "detr":
+        return detr_eval_transforms(cfg.image_size, cfg.max_size)
+    return simple_eval_transforms(cfg.image_size)
+
+
 def build_loaders(data: Path, cfg: TrainConfig, rank: int = 0, world: int = 1):
-    g = torch.Generator().manual_seed(cfg.seed + rank)
-    flip = [RandomHorizontalFlip(0.5, g)] if cfg.flip else []
-    train_tf = Compose([*flip, Resize([cfg.image_size]), Normalize()])
-    eval_tf = Compose([Resize([cfg.image_size]), Normalize()])
-    train_set = CocoDetection(data / "train", data / "annotations/instances_train.json", train_tf)
-    val_set = CocoDetection(data / "val", data / "annotations/instances_val.json", eval_tf)
+    """(train set, val set, train loader, val loader) of a COCO-format folder."""
+    if cfg.augmentation == "detr":
+        train_tf = detr_train_transforms(max_size=cfg.max_size, flip=cfg.flip)
+    else:
+        train_tf = simple_train_transforms(cfg.image_size, flip=cfg.flip)
+    train_set = CocoDetection(
+        data / "train", data / "annotations/instances_train.json", train_tf, seed=cfg.seed + rank
+    )
+    val_set = CocoDetection(
+        data / "val", data / "annotations/instances_val.json", eval_transforms(cfg)
+    )
+    if len(train_set) < cfg.batch_size:
+        raise ValueError(
+            f"the training set has {len(train_set)} images, fewer than one batch "
+            f"(--batch-size {cfg.batch_size})"
+        )
     sampler = GlobalBatchSampler(len(train_set), cfg.batch_size, rank, world, cfg.seed)
+    workers = {"num_workers": cfg.num_workers, "persistent_workers": cfg.num_workers > 0}
     train_loader = torch.utils.data.DataLoader(
-        train_set, batch_sampler=sampler, collate_fn=collate, num_workers=cfg.num_workers
+        train_set, batch_sampler=sampler, collate_fn=collate, **workers
     )
     val_loader = torch.utils.data.DataLoader(
-        val_set, batch_size=cfg.batch_size, collate_fn=collate, num_workers=cfg.num_workers
+        val_set, batch_size=max(1, cfg.batch_size // world), collate_fn=collate, **workers
     )
     return train_set, val_set, train_loader, val_loader
 
 
-def _out_of_time(elapsed: float, budget: float, world: int) -> bool:
-    """Whether to stop; with several processes, all stop at the same step (any one's clock)."""
-    stop = torch.tensor([float(elapsed >= budget)])
-    if world > 1:
-        torch.distributed.all_reduce(stop, op=torch.distributed.ReduceOp.MAX)
-    return bool(stop.item())
+def _atomic_save(obj: dict, path: Path) -> None:
+    """torch.save to a temporary file renamed over ``path``: a crash never leaves half a file."""
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def _check_output(output: Path, resume: bool) -> None:
+    present = [name for name in RUN_FILES if (output / name).exists()]
+    if resume and not (output / "last.pt").exists():
+        raise FileNotFoundError(f"--resume: {output / 'last.pt'} does not exist, nothing to resume")
+    if not resume and present:
+        raise FileExistsError(
+            f"--output {output} already holds a run ({', '.join(present)}); "
+            "pass --resume to continue it or choose another folder"
+        )
 
 
 def train(
@@ -136,90 +212,159 @@ def train(
     output: str | Path,
     model_config: DeformableDETRConfig | None = None,
     cfg: TrainConfig | None = None,
+    *,
     resume: bool = False,
     progress: bool = True,
+    device: str | torch.device | None = None,
+    model: DeformableDETR | None = None,
 ) -> dict:
     """Train on a COCO-format folder (``train/``, ``val/``, ``annotations/``) into ``output``.
 
-    Writes ``checkpoint.pt`` (resumable), ``log.jsonl`` (one line per epoch, with
-    COCO metrics when evaluated) and ``metrics.json`` (the final evaluation).
-    Returns the final metrics.
+    model_config: the detector (default: the tiny preset with the dataset's
+    classes); ``model``: start from these weights (e.g. ``from_pretrained``)
+    instead of a fresh initialisation. Writes ``last.pt`` (resumable, every
+    epoch), ``best.pt`` (best AP), ``log.jsonl`` (a line per epoch),
+    ``metrics.json`` (the final evaluation, of the EMA weights when EMA is on)
+    and ``curves.png``. Returns the final metrics.
     """
     data, output = Path(data), Path(output)
-    rank, world = distributed()
+    device = resolve_device(device)
+    _check_output(output, resume)
+    rank, world, device = setup_distributed(device)
     main_process = rank == 0
     if main_process:
         output.mkdir(parents=True, exist_ok=True)
-    cfg = cfg or TrainConfig()
+    ckpt = None
+    if resume:
+        # The run continues as it was configured; only the length may change.
+        ckpt = torch.load(output / "last.pt", map_location="cpu", weights_only=True)
+        model_config = from_dict(DeformableDETRConfig, ckpt["config"])
+        saved = from_dict(TrainConfig, ckpt["train_config"])
+        cfg = saved if cfg is None else replace(saved, epochs=cfg.epochs, minutes=cfg.minutes)
+    cfg = cfg or PRESETS["tiny"].train
     seed_everything(cfg.seed)
     train_set, val_set, train_loader, val_loader = build_loaders(data, cfg, rank, world)
     if model_config is None:
-        model_config = DeformableDETRConfig.tiny(num_classes=train_set.num_classes)
-    model = build_model(model_config)
-    start_epoch, elapsed, extra = 0, 0.0, None
-    ckpt = output / "checkpoint.pt"
-    if resume and ckpt.exists():
-        model, model_config, extra = load_checkpoint(ckpt)
-        start_epoch, elapsed = extra["epoch"] + 1, extra["elapsed"]
+        model_config = PRESETS["tiny"].model(train_set.num_classes)
+    if model_config.num_classes != train_set.num_classes:
+        raise ValueError(
+            f"the model has {model_config.num_classes} classes, the dataset "
+            f"{train_set.num_classes}: pass num_classes={train_set.num_classes}"
+        )
+    model, criterion, postprocessor = build(model_config, cfg, model)
+    if model_config.backbone_norm == "frozen":
+        _freeze_pretrained_stem(model)
+    if ckpt is not None:
+        model.load_state_dict(ckpt.get("train_model", ckpt["model"]))
+    model.to(device)
+    criterion.to(device)
     net = model
     if world > 1:
-        if torch.cuda.is_available():
-            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        net = nn.parallel.DistributedDataParallel(model)
+        if device.type == "cuda":
+            net = nn.SyncBatchNorm.convert_sync_batchnorm(net)
+        net = nn.parallel.DistributedDataParallel(net)
     optimizer = torch.optim.AdamW(_param_groups(model, cfg), weight_decay=cfg.weight_decay)
-    if extra is not None:
-        optimizer.load_state_dict(extra["optimizer"])
-    criterion = SetCriterion(model_config.num_classes)
+    elapsed = 0.0
+    epoch_start = [time.perf_counter()]
     budget = None if cfg.minutes is None else cfg.minutes * 60
-    metrics: dict = {}
+
+    def training_seconds() -> float:
+        return elapsed + time.perf_counter() - epoch_start[0]
+
+    scheduler = build_scheduler(optimizer, cfg, len(train_loader), training_seconds)
+    scaler = torch.amp.GradScaler(device.type) if cfg.amp == "fp16" else None
+    ema = None if cfg.ema_decay is None else ema_model(model, cfg.ema_decay, cfg.ema_warmup_steps)
+    start_epoch, best_ap, metrics = 0, -1.0, {}
+    if ckpt is not None:
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        if scaler is not None and "scaler" in ckpt:
+            scaler.load_state_dict(ckpt["scaler"])
+        if ema is not None:
+            ema.module.load_state_dict(ckpt["model"])
+            ema.n_averaged.fill_(ckpt["ema_updates"])
+        start_epoch, elapsed, best_ap = ckpt["epoch"] + 1, ckpt["elapsed"], ckpt["best_ap"]
+        _set_rng_state(ckpt["rng"])
+    eval_model = model if ema is None else ema.module
+
+    def out_of_time() -> bool:
+        if budget is None:
+            return False
+        stop = torch.tensor([float(training_seconds() >= budget)], device=device)
+        if world > 1:
+            torch.distributed.all_reduce(stop, op=torch.distributed.ReduceOp.MAX)
+        return bool(stop.item())
+
+    names = [val_set.coco.cats[c]["name"] for c in val_set.category_ids]
+    meta = {
+        "config": dataclasses.asdict(model_config),
+        "dataset": {"category_ids": list(val_set.category_ids), "category_names": names},
+        "image_size": cfg.image_size,
+        "max_size": cfg.max_size,
+        "augmentation": cfg.augmentation,
+        "train_config": dataclasses.asdict(cfg),
+    }
+    log_path = output / "log.jsonl"
+    done = False
     for epoch in range(start_epoch, cfg.epochs):
-        model.train()
         train_loader.batch_sampler.set_epoch(epoch)
-        t0 = time.perf_counter()
-        seen, running, steps = 0, 0.0, 0
-        bar = tqdm(
+        train_set.set_epoch(epoch)
+        epoch_start[0] = time.perf_counter()
+        stats = train_one_epoch(
+            net,
+            criterion,
             train_loader,
-            desc=f"epoch {epoch}",
-            leave=False,
-            disable=not (progress and main_process),
+            optimizer,
+            device,
+            scheduler=scheduler,
+            clip_max_norm=cfg.clip_max_norm,
+            amp=cfg.amp,
+            scaler=scaler,
+            ema=ema,
+            ema_source=model,
+            should_stop=out_of_time,
+            progress=f"epoch {epoch}" if progress and main_process else None,
         )
-        for images, mask, targets in bar:
-            losses = criterion(net(images, mask), targets)
-            optimizer.zero_grad()
-            losses["loss"].backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_max_norm)
-            optimizer.step()
-            seen += len(images) * world
-            steps += 1
-            running += losses["loss"].item()
-            rate = seen / (time.perf_counter() - t0)
-            bar.set_postfix(loss=f"{losses['loss'].item():.3f}", img_s=f"{rate:.1f}")
-            if budget is not None and _out_of_time(
-                elapsed + time.perf_counter() - t0, budget, world
-            ):
-                break
-        elapsed += time.perf_counter() - t0
-        done = budget is not None and _out_of_time(elapsed, budget, world)
-        if main_process:
-            record = {
-                "epoch": epoch,
-                "loss": running / max(1, steps),
-                "images": seen,
-                "elapsed_s": round(elapsed, 1),
-            }
-            if done or (epoch + 1) % cfg.eval_every_epochs == 0 or epoch + 1 == cfg.epochs:
-                metrics = evaluate(model, val_loader, val_set)
-                record.update(metrics)
-            with open(output / "log.jsonl", "a") as log:
-                log.write(json.dumps(record) + "\n")
-            save_checkpoint(
-                ckpt,
-                model,
-                model_config,
-                optimizer=optimizer.state_dict(),
-                epoch=epoch,
-                elapsed=elapsed,
-            )
+        elapsed += stats["seconds"]
+        done = out_of_time() or epoch + 1 == cfg.epochs
+        if not main_process:
+            continue
+        record = {
+            "epoch": epoch,
+            "loss": stats["loss"],
+            "lr": optimizer.param_groups[0]["lr"],
+            "images": stats["images"] * world,
+            "images_per_s": round(stats["images"] * world / max(stats["seconds"], 1e-9), 1),
+            "elapsed_s": round(elapsed, 1),
+        }
+        if done or (epoch + 1) % cfg.eval_every == 0:
+            metrics = evaluate(eval_model, postprocessor, val_loader, val_set, device, amp=cfg.amp)
+            record.update(metrics)
+        state = {
+            **meta,
+            "model": eval_model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "epoch": epoch,
+            "elapsed": elapsed,
+            "rng": _rng_state(),
+        }
+        if ema is not None:
+            state["train_model"] = model.state_dict()
+            state["ema_updates"] = int(ema.n_averaged)
+        if scaler is not None:
+            state["scaler"] = scaler.state_dict()
+        improved = "AP" in record and record["AP"] > best_ap
+        if improved:
+            best_ap = record["AP"]
+        state["best_ap"] = best_ap
+        _atomic_save(state, output / "last.pt")
+        if improved:
+            _atomic_save({**meta, "model": state["model"], "epoch": epoch}, output / "best.pt")
+        with open(log_path, "a") as log:
+            log.write(json.dumps(record) + "\n")
+        if progress:
+            tqdm.write(_epoch_line(record, cfg.epochs))
         if done:
             break
     if world > 1:
@@ -227,6 +372,20 @@ def train(
         if not main_process:
             return {}
     if not metrics:
-        metrics = evaluate(model, val_loader, val_set)
+        metrics = evaluate(eval_model, postprocessor, val_loader, val_set, device, amp=cfg.amp)
     (output / "metrics.json").write_text(json.dumps(metrics, indent=1))
+    plot_training_curves(log_path, output / "curves.png")
     return metrics
+
+
+def _epoch_line(record: dict, epochs: int) -> str:
+    parts = [
+        f"epoch {record['epoch'] + 1}/{epochs}",
+        f"loss {record['loss']:.3f}",
+        f"lr {record['lr']:.2e}",
+        f"{record['images_per_s']:.1f} img/s",
+        f"{record['elapsed_s'] / 60:.1f} min",
+    ]
+    if "AP" in record:
+        parts += [f"AP {record['AP']:.3f}", f"AP50 {record['AP50']:.3f}"]
+    return "  ".join(parts)

@@ -14,7 +14,7 @@ from ..models.deformable_detr import post_process
 from ..nn.attention import MSDeformAttn
 from .data import IMAGENET_MEAN, IMAGENET_STD
 
-__all__ = ["draw_detections", "draw_sampling_points"]
+__all__ = ["draw_boxes", "draw_detections", "draw_sampling_points"]
 
 _LEVEL_COLOURS = ("tab:red", "tab:orange", "tab:green", "tab:blue", "tab:purple", "tab:brown")
 
@@ -38,9 +38,11 @@ def draw_detections(
     """Boxes scoring above ``threshold`` on up to ``max_images`` normalised images."""
     model.eval()
     images, mask = images[:max_images], mask[:max_images]
-    out = model(images, mask)
-    H, W = images.shape[-2:]
-    results = post_process(out, torch.tensor([[H, W]] * len(images)))
+    device = next(model.parameters()).device
+    out = model(images.to(device), mask.to(device))
+    # Boxes are relative to each image's own (unpadded) size.
+    sizes = torch.stack([(~mask).any(2).sum(1), (~mask).any(1).sum(1)], 1)
+    results = post_process(out, sizes.to(device))
     fig, axes = plt.subplots(1, len(images), figsize=(3 * len(images), 3), squeeze=False)
     for ax, image, res in zip(axes[0], images, results, strict=True):
         ax.imshow(_to_rgb(image))
@@ -80,10 +82,12 @@ def draw_sampling_points(
         raise TypeError("the last decoder layer has no MSDeformAttn cross-attention")
     attn.record_sampling = True
     try:
-        out = model(image[None])
+        out = model(image[None].to(next(model.parameters()).device))
     finally:
         attn.record_sampling = False
-    locations, weights = attn.last_sampling  # (1, Q, M, L, P, 2), (1, Q, M, L, P)
+    # (1, Q, M, L, P, 2) and (1, Q, M, L, P)
+    locations, weights = (t.cpu() for t in attn.last_sampling)
+    out = {k: out[k].cpu() for k in ("pred_logits", "pred_boxes")}
     scores = out["pred_logits"][0].sigmoid().max(-1).values
     queries = scores.topk(min(num_queries, len(scores))).indices
     H, W = image.shape[-2:]
@@ -113,4 +117,33 @@ def draw_sampling_points(
     axes[0][0].legend(fontsize=6, loc="lower left")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def draw_boxes(
+    rgb, result: dict, path: str | Path, class_names=None, threshold: float = 0.3
+) -> None:
+    """One image (H, W, 3 array, values 0..1 or 0..255) with the boxes of ``result``
+    (``scores``, ``labels``, ``boxes`` xyxy in that image's pixels) above ``threshold``."""
+    H, W = rgb.shape[:2]
+    fig, ax = plt.subplots(figsize=(6, 6 * H / W))
+    ax.imshow(rgb)
+    ax.axis("off")
+    for score, label, (x0, y0, x1, y1) in zip(
+        result["scores"].tolist(), result["labels"].tolist(), result["boxes"].tolist(), strict=True
+    ):
+        if score < threshold:
+            continue
+        ax.add_patch(plt.Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, color="yellow", lw=2))
+        name = class_names[label] if class_names else str(int(label))
+        ax.text(
+            x0,
+            y0,
+            f"{name} {score:.2f}",
+            color="black",
+            fontsize=9,
+            bbox={"facecolor": "yellow", "alpha": 0.7, "pad": 1},
+        )
+    fig.tight_layout(pad=0)
+    fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -1,0 +1,63 @@
+"""Figures of training runs: loss and AP curves (matplotlib, written as PNG)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+
+__all__ = ["plot_curves", "plot_training_curves", "read_log"]
+
+
+def read_log(log: str | Path) -> list[dict]:
+    """The records of a ``log.jsonl``, one dict per epoch."""
+    return [json.loads(line) for line in Path(log).read_text().splitlines() if line.strip()]
+
+
+def plot_training_curves(log: str | Path, path: str | Path) -> None:
+    """Training loss and validation AP/AP50 against epochs, side by side, into one PNG."""
+    rows = read_log(log)
+    fig, (loss_ax, ap_ax) = plt.subplots(1, 2, figsize=(10, 4))
+    loss_ax.plot([r["epoch"] + 1 for r in rows], [r["loss"] for r in rows], marker=".")
+    loss_ax.set_ylabel("training loss (weighted sum)")
+    evaluated = [r for r in rows if "AP" in r]
+    for key, style in (("AP", "o-"), ("AP50", ".--")):
+        ap_ax.plot(
+            [r["epoch"] + 1 for r in evaluated], [r[key] for r in evaluated], style, label=key
+        )
+    ap_ax.set_ylabel("COCO AP on the validation split")
+    ap_ax.set_ylim(0, 1)
+    ap_ax.legend()
+    for ax in (loss_ax, ap_ax):
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_curves(logs: dict[str, Path], path: str | Path) -> None:
+    """AP against training time and against epochs, one line per run, into one PNG."""
+    fig, (by_time, by_epoch) = plt.subplots(1, 2, figsize=(10, 4))
+    for name, log in logs.items():
+        rows = [r for r in read_log(log) if "AP" in r]
+        minutes = [r["elapsed_s"] / 60 for r in rows]
+        epochs = [r["epoch"] + 1 for r in rows]
+        for ax, xs in ((by_time, minutes), (by_epoch, epochs)):
+            ax.plot(xs, [r["AP"] for r in rows], marker="o", label=f"{name} AP")
+            ax.plot(xs, [r["AP50"] for r in rows], marker=".", linestyle="--", label=f"{name} AP50")
+    by_time.set_xlabel("training time (minutes)")
+    by_epoch.set_xlabel("epochs")
+    for ax in (by_time, by_epoch):
+        ax.set_ylabel("COCO AP on the synthetic val split")
+        ax.set_ylim(0, 1)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle("Deformable vs dense attention, same detector and budget")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
