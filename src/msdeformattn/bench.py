@@ -434,7 +434,7 @@ def detector_benchmark(height: int, width: int, min_run_time: float, onnx: bool 
     )
     torch.manual_seed(0)
     hf = DeformableDetrForObjectDetection(config).eval()
-    ours, report = DeformableDETR.from_transformers(hf)
+    ours, report = DeformableDETR.from_transformers(hf, output_loading_info=True)
     if not report.exact:
         raise RuntimeError(f"weights did not convert exactly: {report}")
     image = torch.randn(1, 3, height, width)
@@ -479,6 +479,94 @@ def detector_benchmark(height: int, width: int, min_run_time: float, onnx: bool 
     for name, t in times.items():
         lines.append(f"| {name} | {t:.3f} | {times['transformers'] / t:.2f}x |")
     return "\n".join(lines)
+
+
+def _detector_train_step(which: str, height: int, width: int):
+    """One training step (forward, set loss, backward) of the full preset (ResNet-50, 6+6
+    layers, 300 queries, auxiliary losses), ours or transformers', same weights and inputs.
+
+    Two images, four boxes each; dropout off in both so the two compute the same loss.
+    """
+    from transformers import DeformableDetrConfig, DeformableDetrForObjectDetection, ResNetConfig
+
+    from .models import DeformableDETR
+    from .train.build import build_criterion
+    from .train.config import TrainConfig
+
+    backbone = ResNetConfig(
+        depths=[3, 4, 6, 3],
+        hidden_sizes=[256, 512, 1024, 2048],
+        layer_type="bottleneck",
+        out_features=["stage2", "stage3", "stage4"],
+    )
+    config = DeformableDetrConfig(
+        use_timm_backbone=False,
+        backbone_config=backbone,
+        backbone=None,
+        use_pretrained_backbone=False,
+        auxiliary_loss=True,
+        dropout=0.0,
+        num_labels=91,
+    )
+    torch.manual_seed(0)
+    hf = DeformableDetrForObjectDetection(config).train()
+    ours = DeformableDETR.from_transformers(hf).train()
+    # transformers weighs the class loss and cost 1 where the reference uses 2: use its values.
+    criterion = build_criterion(ours.config, TrainConfig(cls_loss_coef=1.0, set_cost_class=1.0))
+    g = torch.Generator().manual_seed(1)
+    images = torch.randn(2, 3, height, width, generator=g)
+    mask = torch.zeros(2, height, width, dtype=torch.bool)
+    targets = [
+        {
+            "labels": torch.randint(0, 91, (4,), generator=g),
+            "boxes": torch.rand(4, 2, generator=g) * 0.5 + 0.25,
+        }
+        for _ in range(2)
+    ]
+    for t in targets:
+        t["boxes"] = torch.cat([t["boxes"], torch.full((4, 2), 0.2)], 1)
+    hf_labels = [{"class_labels": t["labels"], "boxes": t["boxes"]} for t in targets]
+
+    def step_ours():
+        loss = criterion.weighted_sum(criterion(ours(images, mask), targets))
+        loss.backward()
+        return loss
+
+    def step_hf():
+        loss = hf(pixel_values=images, pixel_mask=(~mask).long(), labels=hf_labels).loss
+        loss.backward()
+        return loss
+
+    return {"msdeformattn": step_ours, "transformers": step_hf}[which]
+
+
+def train_step_benchmark(height: int, width: int, min_run_time: float) -> str:
+    """Time and peak memory of one training step of the full preset, ours vs transformers."""
+    threads = torch.get_num_threads()
+    rows = [
+        f"| detector train step ({height}x{width}, batch 2) | s | speed-up | peak extra MiB |",
+        "|---|---|---|---|",
+    ]
+    times, mems = {}, {}
+    losses = {}
+    for name in ("msdeformattn", "transformers"):
+        step = _detector_train_step(name, height, width)
+        losses[name] = step().item()
+        timer = benchmark.Timer("f()", globals={"f": step}, num_threads=threads)
+        times[name] = timer.blocked_autorange(min_run_time=min_run_time).median
+        del step
+        mems[name] = _probe_subprocess(
+            ["--train-step-memory-probe", name, "--image-size", str(height), str(width)]
+        )
+    # Same weights, inputs and loss definition: the same loss, or the timing compares nothing.
+    if abs(losses["msdeformattn"] - losses["transformers"]) > 1e-3 * abs(losses["transformers"]):
+        raise RuntimeError(f"the two models disagree on the loss: {losses}")
+    for name in times:
+        rows.append(
+            f"| {name} | {times[name]:.2f} | {times['transformers'] / times[name]:.2f}x "
+            f"| {mems[name] / 2**20:.0f} |"
+        )
+    return "\n".join(rows)
 
 
 def _encoder_layer_step(which: str):
@@ -625,7 +713,13 @@ def main(argv: list[str] | None = None) -> None:
         action="store_true",
         help="time a COCO-size encoder layer's training step against transformers",
     )
+    p.add_argument(
+        "--train-step",
+        action="store_true",
+        help="time one training step of the full detector (at --image-size) against transformers",
+    )
     p.add_argument("--encoder-memory-probe", help=argparse.SUPPRESS)
+    p.add_argument("--train-step-memory-probe", help=argparse.SUPPRESS)
     p.add_argument("--memory-probe", nargs=4, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     before = torch.are_deterministic_algorithms_enabled()
@@ -646,6 +740,15 @@ def _main(args: argparse.Namespace) -> None:
         step = _encoder_layer_step(args.encoder_memory_probe)
         step()  # warm-up: kernels loaded, autograd buffers allocated once
         print(_peak_of(step))
+        return
+    if args.train_step_memory_probe:
+        step = _detector_train_step(args.train_step_memory_probe, *args.image_size)
+        step()
+        print(_peak_of(step))
+        return
+    if args.train_step:
+        print(f"device=cpu torch={torch.__version__} threads={torch.get_num_threads()}", flush=True)
+        print(train_step_benchmark(*args.image_size, args.min_run_time))
         return
     if args.encoder:
         print(f"device=cpu torch={torch.__version__} threads={torch.get_num_threads()}", flush=True)

@@ -28,33 +28,8 @@ def tiny_resnet(layer_type="basic", stages=("stage2", "stage3", "stage4"), confi
     )
 
 
-def hf_model(layer_type="basic", **kw):
-    from transformers import DeformableDetrConfig, DeformableDetrForObjectDetection
-
-    bc = tiny_resnet(layer_type)
-    cfg = DeformableDetrConfig(
-        use_timm_backbone=False,
-        backbone_config=bc,
-        backbone=None,
-        use_pretrained_backbone=False,
-        d_model=64,
-        encoder_layers=2,
-        decoder_layers=2,
-        encoder_attention_heads=4,
-        decoder_attention_heads=4,
-        encoder_ffn_dim=96,
-        decoder_ffn_dim=96,
-        num_queries=12,
-        num_labels=5,
-        num_feature_levels=4,
-        encoder_n_points=2,
-        decoder_n_points=3,
-        two_stage_num_proposals=12,
-        **kw,
-    )
-    torch.manual_seed(0)
-    model = DeformableDetrForObjectDetection(cfg).eval()
-    # Random everything (the initialisation zeroes several heads), BN statistics included.
+def randomize(model):
+    """Random everything (the initialisation zeroes several heads), BN statistics included."""
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for name, t in list(model.named_parameters()) + list(model.named_buffers()):
@@ -66,15 +41,47 @@ def hf_model(layer_type="basic", **kw):
     return model
 
 
-def padded_batch():
+def hf_model(layer_type="basic", **kw):
+    """A small transformers Deformable DETR with random weights.
+
+    kw: DeformableDetrConfig fields; ``backbone_config=None`` is transformers' default
+    ResNet-50 config (C5 alone).
+    """
+    from transformers import DeformableDetrConfig, DeformableDetrForObjectDetection
+
+    fields = {
+        "backbone_config": tiny_resnet(layer_type),
+        "d_model": 64,
+        "encoder_layers": 2,
+        "decoder_layers": 2,
+        "encoder_attention_heads": 4,
+        "decoder_attention_heads": 4,
+        "encoder_ffn_dim": 96,
+        "decoder_ffn_dim": 96,
+        "num_queries": 12,
+        "num_labels": 5,
+        "num_feature_levels": 4,
+        "encoder_n_points": 2,
+        "decoder_n_points": 3,
+        "two_stage_num_proposals": 12,
+    }
+    cfg = DeformableDetrConfig(
+        use_timm_backbone=False, backbone=None, use_pretrained_backbone=False, **{**fields, **kw}
+    )
+    torch.manual_seed(0)
+    return randomize(DeformableDetrForObjectDetection(cfg).eval())
+
+
+def padded_batch(height=96, width=128):
     """Two images of unequal sizes, padded to one canvas (HF mask: 1 = valid)."""
     g = torch.Generator().manual_seed(2)
-    images = torch.zeros(2, 3, 96, 128)
-    valid = torch.zeros(2, 96, 128, dtype=torch.long)
-    images[0] = torch.randn(3, 96, 128, generator=g)
+    h, w = height * 5 // 6, width * 25 // 32
+    images = torch.zeros(2, 3, height, width)
+    valid = torch.zeros(2, height, width, dtype=torch.long)
+    images[0] = torch.randn(3, height, width, generator=g)
     valid[0] = 1
-    images[1, :, :80, :100] = torch.randn(3, 80, 100, generator=g)
-    valid[1, :80, :100] = 1
+    images[1, :, :h, :w] = torch.randn(3, h, w, generator=g)
+    valid[1, :h, :w] = 1
     return images, valid
 
 
@@ -90,7 +97,7 @@ def padded_batch():
 )
 def test_transformers_model_gives_the_same_detections(layer_type, variant):
     hf = hf_model(layer_type, **variant).double()
-    ours, report = DeformableDETR.from_transformers(hf)
+    ours, report = DeformableDETR.from_transformers(hf, output_loading_info=True)
     assert report.exact, str(report)
     ours = ours.double()
     images, valid = padded_batch()

@@ -128,9 +128,7 @@ def test_criterion_covers_aux_and_encoder_outputs_and_backpropagates():
     # Final output, one auxiliary output per earlier decoder layer, and the proposals.
     assert set(losses) == set(criterion.weight_dict)
     assert {"loss_ce", "loss_bbox_0", "loss_giou_enc"} <= set(losses)
-    expected = sum(
-        {"ce": 3, "bbox": 5, "giou": 2}[k.split("_")[1]] * v for k, v in losses.items()
-    )
+    expected = sum({"ce": 3, "bbox": 5, "giou": 2}[k.split("_")[1]] * v for k, v in losses.items())
     total = criterion.weighted_sum(losses)
     torch.testing.assert_close(total, expected)
     with pytest.raises(ValueError, match="no weight for loss terms"):

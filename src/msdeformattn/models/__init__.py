@@ -1,14 +1,9 @@
 """Detectors built on the deformable transformer."""
 
 from .backbone import Backbone, FrozenBatchNorm2d, Joiner, PositionEmbeddingSine, ResNet, resnet
-from .deformable_detr import (
-    MLP,
-    DeformableDETR,
-    DeformableDETRConfig,
-    box_cxcywh_to_xyxy,
-    build_model,
-    post_process,
-)
+from .config import DeformableDETRConfig
+from .convert import LoadReport, load_backbone_weights
+from .deformable_detr import MLP, DeformableDETR, box_cxcywh_to_xyxy, build_model, post_process
 
 __all__ = [
     "MLP",
@@ -17,10 +12,12 @@ __all__ = [
     "DeformableDETRConfig",
     "FrozenBatchNorm2d",
     "Joiner",
+    "LoadReport",
     "PositionEmbeddingSine",
     "ResNet",
     "box_cxcywh_to_xyxy",
     "build_model",
+    "load_backbone_weights",
     "post_process",
     "resnet",
 ]

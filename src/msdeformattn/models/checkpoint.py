@@ -7,7 +7,9 @@ from pathlib import Path
 
 import torch
 
-from .deformable_detr import DeformableDETR, DeformableDETRConfig, build_model
+from .config import DeformableDETRConfig, config_from_dict
+from .convert import load_reference_checkpoint
+from .deformable_detr import DeformableDETR, build_model
 
 __all__ = ["load_checkpoint", "save_checkpoint"]
 
@@ -24,11 +26,9 @@ def load_checkpoint(path: str | Path) -> tuple[DeformableDETR, DeformableDETRCon
     data = torch.load(path, map_location="cpu", weights_only=True)
     if "config" not in data or "model" not in data:
         raise ValueError(f"{path} is not an msdeformattn checkpoint (needs 'config' and 'model')")
-    fields = {f.name for f in dataclasses.fields(DeformableDETRConfig)}
-    raw = data.pop("config")
-    config = DeformableDETRConfig(
-        **{k: tuple(v) if isinstance(v, list) else v for k, v in raw.items() if k in fields}
-    )
+    config = config_from_dict(data.pop("config"))
     model = build_model(config)
-    model.load_state_dict(data.pop("model"))
+    report = load_reference_checkpoint(model, data.pop("model"))
+    if not report.exact:
+        raise ValueError(f"{path}: the weights do not fit the checkpoint's config:\n{report}")
     return model.eval(), config, data

@@ -9,7 +9,11 @@ from __future__ import annotations
 
 import copy
 import math
-from dataclasses import dataclass, replace
+import warnings
+from collections.abc import Mapping
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -18,6 +22,8 @@ from torch import nn
 from ..nn.transformer import DeformableTransformer, inverse_sigmoid
 from ..util.box_ops import box_cxcywh_to_xyxy
 from .backbone import Backbone, Joiner, PositionEmbeddingSine, ResNet, resize_mask, resnet
+from .config import DeformableDETRConfig
+from .convert import CLASS_HEADS, LoadReport, load_reference_checkpoint, read_pretrained
 
 __all__ = [
     "MLP",
@@ -27,56 +33,6 @@ __all__ = [
     "build_model",
     "post_process",
 ]
-
-
-@dataclass(frozen=True)
-class DeformableDETRConfig:
-    """Model hyper-parameters; the defaults are the paper's (ResNet-50, 300 queries)."""
-
-    num_classes: int = 91
-    backbone: str = "resnet50"
-    #: "frozen" BatchNorm for pretrained backbones, "batch" to train from scratch.
-    backbone_norm: str = "frozen"
-    #: A custom trunk (block type, widths and blocks per stage, stem width); overrides ``backbone``.
-    backbone_block: str = "basic"
-    backbone_widths: tuple[int, ...] | None = None
-    backbone_depths: tuple[int, ...] | None = None
-    backbone_stem: int | None = None
-    d_model: int = 256
-    nheads: int = 8
-    enc_layers: int = 6
-    dec_layers: int = 6
-    dim_feedforward: int = 1024
-    dropout: float = 0.1
-    num_feature_levels: int = 4
-    enc_n_points: int = 4
-    dec_n_points: int = 4
-    num_queries: int = 300
-    aux_loss: bool = True
-    with_box_refine: bool = False
-    two_stage: bool = False
-    backend: str | None = None
-    #: "dense": the DETR-style baseline with ordinary attention in encoder and cross-attention
-    attention: str = "deformable"
-
-    @classmethod
-    def tiny(cls, num_classes: int = 4, **overrides) -> DeformableDETRConfig:
-        """A model that trains on a laptop CPU: d_model 128, 2+2 layers, 30 queries,
-        a basic-block trunk of widths 32-256 with one block per stage, trainable BatchNorm."""
-        base = cls(
-            num_classes=num_classes,
-            backbone_norm="batch",
-            backbone_widths=(32, 64, 128, 256),
-            backbone_depths=(1, 1, 1, 1),
-            d_model=128,
-            nheads=8,
-            enc_layers=2,
-            dec_layers=2,
-            dim_feedforward=512,
-            dropout=0.0,
-            num_queries=30,
-        )
-        return replace(base, **overrides)
 
 
 class MLP(nn.Module):
@@ -163,14 +119,63 @@ class DeformableDETR(nn.Module):
                 nn.init.constant_(box_embed.layers[-1].bias.data[2:], 0.0)
 
     @classmethod
-    def from_transformers(cls, hf_model_or_state, config: DeformableDETRConfig | None = None):
-        """(model, LoadReport) from a transformers ``DeformableDetrForObjectDetection``.
+    def from_pretrained(
+        cls,
+        source: str | Path | Mapping[str, Any] | nn.Module,
+        num_classes: int | None = None,
+        *,
+        config: Any = None,
+        output_loading_info: bool = False,
+        **config_overrides: Any,
+    ) -> DeformableDETR | tuple[DeformableDETR, LoadReport]:
+        """The detector with published weights, in eval mode (and a :class:`LoadReport` when
+        ``output_loading_info``), as transformers' ``from_pretrained`` does.
 
-        See :func:`msdeformattn.models.convert.from_transformers`.
+        ``source``: this package's checkpoint file, the reference implementation's ``.pth``
+        (config read from the shapes and its saved ``args``), a transformers
+        ``DeformableDetrForObjectDetection``, its state dict (with ``config=``), a
+        ``save_pretrained`` folder (SenseTime's published ones included), or a loaded dict.
+        ``num_classes`` other than the source's re-initialises every class head (as
+        :func:`build_model` does) and loads everything else; the report lists those keys.
+        ``config`` (ours or transformers') replaces the source's; ``config_overrides`` set
+        fields of it, e.g. ``nheads=4`` where the shapes leave it open.
+
+        Raises ``FileNotFoundError`` for a missing path, ``ValueError`` for a file that is
+        no such checkpoint and for a shape (other than a re-initialised head) that does not
+        fit. Keys that did not match are reported, and warned about without the report.
+
+        >>> model = DeformableDETR.from_pretrained("r50_deformable_detr-checkpoint.pth")
+        >>> model, report = DeformableDETR.from_pretrained(folder, 3, output_loading_info=True)
         """
-        from .convert import from_transformers
+        read = read_pretrained(source, config, **config_overrides)
+        model_config, reinitialize = read.config, ()
+        if num_classes is not None and num_classes != model_config.num_classes:
+            model_config, reinitialize = replace(model_config, num_classes=num_classes), CLASS_HEADS
+        model = build_model(model_config)
+        report = load_reference_checkpoint(model, read.state, reinitialize=reinitialize)
+        report.unexpected_keys += read.unknown_keys
+        model.eval()
+        if output_loading_info:
+            return model, report
+        if not report.exact:
+            warnings.warn(f"weights did not load exactly:\n{report}", stacklevel=2)
+        return model
 
-        return from_transformers(hf_model_or_state, config)
+    @classmethod
+    def from_transformers(
+        cls,
+        source: str | Path | Mapping[str, Any] | nn.Module,
+        config: Any = None,
+        *,
+        num_classes: int | None = None,
+        output_loading_info: bool = False,
+    ) -> DeformableDETR | tuple[DeformableDETR, LoadReport]:
+        """The detector of a transformers ``DeformableDetrForObjectDetection``: the model,
+        its state dict (with ``config=``, ours or transformers') or a ``save_pretrained``
+        folder. :meth:`from_pretrained` with these arguments."""
+        return cls.from_pretrained(
+            source, num_classes, config=config, output_loading_info=output_loading_info
+        )
 
     def forward(self, images: torch.Tensor, mask: torch.Tensor | None = None) -> dict:
         if images.dim() != 4 or images.shape[1] != 3:
@@ -222,7 +227,7 @@ class DeformableDETR(nn.Module):
 
 
 def build_model(config: DeformableDETRConfig) -> DeformableDETR:
-    """The detector of a config, freshly initialised."""
+    """The detector of a config, freshly initialised; ``model.config`` is ``config``."""
     if config.backbone_widths is not None:
         body = ResNet(
             config.backbone_block,
@@ -233,7 +238,13 @@ def build_model(config: DeformableDETRConfig) -> DeformableDETR:
         )
     else:
         body = resnet(config.backbone, norm=config.backbone_norm)
-    n_backbone = min(3, config.num_feature_levels)
+    most = min(3, config.num_feature_levels)
+    n_backbone = most if config.num_backbone_levels is None else config.num_backbone_levels
+    if not 1 <= n_backbone <= most:
+        raise ValueError(
+            f"num_backbone_levels must be 1 to min(3, num_feature_levels) = {most}, "
+            f"got {config.num_backbone_levels}"
+        )
     channels = body.num_channels[-n_backbone:]
     strides = body.strides[-n_backbone:]
     body.num_outputs = n_backbone
@@ -254,7 +265,7 @@ def build_model(config: DeformableDETRConfig) -> DeformableDETR:
         backend=config.backend,
         attention=config.attention,
     )
-    return DeformableDETR(
+    model = DeformableDETR(
         backbone,
         transformer,
         config.num_classes,
@@ -264,6 +275,9 @@ def build_model(config: DeformableDETRConfig) -> DeformableDETR:
         config.with_box_refine,
         config.two_stage,
     )
+    # What the model was built from, as transformers keeps it: a loaded model tells its config.
+    model.config = config
+    return model
 
 
 @torch.no_grad()

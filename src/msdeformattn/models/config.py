@@ -1,0 +1,75 @@
+"""The detector's hyper-parameters, in a module with no heavy imports (loaders read it alone)."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from typing import Any
+
+__all__ = ["DeformableDETRConfig", "config_from_dict"]
+
+
+@dataclass(frozen=True)
+class DeformableDETRConfig:
+    """Model hyper-parameters; the defaults are the paper's (ResNet-50, 300 queries)."""
+
+    num_classes: int = 91
+    backbone: str = "resnet50"
+    #: "frozen" BatchNorm for pretrained backbones, "batch" to train from scratch.
+    backbone_norm: str = "frozen"
+    #: A custom trunk (block type, widths and blocks per stage, stem width); overrides ``backbone``.
+    backbone_block: str = "basic"
+    backbone_widths: tuple[int, ...] | None = None
+    backbone_depths: tuple[int, ...] | None = None
+    backbone_stem: int | None = None
+    d_model: int = 256
+    nheads: int = 8
+    enc_layers: int = 6
+    dec_layers: int = 6
+    dim_feedforward: int = 1024
+    dropout: float = 0.1
+    num_feature_levels: int = 4
+    #: How many backbone stages feed the transformer (the last ones of C3, C4, C5; 1 to 3);
+    #: the remaining levels are strided convolutions on top. None: min(3, num_feature_levels),
+    #: the reference's choice. transformers' default ResNet config gives C5 alone (1).
+    num_backbone_levels: int | None = None
+    enc_n_points: int = 4
+    dec_n_points: int = 4
+    num_queries: int = 300
+    aux_loss: bool = True
+    with_box_refine: bool = False
+    two_stage: bool = False
+    backend: str | None = None
+    #: "dense": the DETR-style baseline with ordinary attention in encoder and cross-attention
+    attention: str = "deformable"
+
+    @classmethod
+    def tiny(cls, num_classes: int = 4, **overrides) -> DeformableDETRConfig:
+        """A model that trains on a laptop CPU: d_model 128, 2+2 layers, 30 queries,
+        a basic-block trunk of widths 32-256 with one block per stage, trainable BatchNorm."""
+        base = cls(
+            num_classes=num_classes,
+            backbone_norm="batch",
+            backbone_widths=(32, 64, 128, 256),
+            backbone_depths=(1, 1, 1, 1),
+            d_model=128,
+            nheads=8,
+            enc_layers=2,
+            dec_layers=2,
+            dim_feedforward=512,
+            dropout=0.0,
+            num_queries=30,
+        )
+        return replace(base, **overrides)
+
+
+def config_from_dict(raw: Mapping[str, Any]) -> DeformableDETRConfig:
+    """The config of ``dataclasses.asdict(config)`` as a checkpoint stores it (tuples as lists).
+
+    Entries that are not fields (from another version of the package) are left out.
+    """
+    fields = {f.name for f in dataclasses.fields(DeformableDETRConfig)}
+    return DeformableDETRConfig(
+        **{k: tuple(v) if isinstance(v, list) else v for k, v in raw.items() if k in fields}
+    )
