@@ -180,3 +180,49 @@ def test_demo_end_to_end_on_a_small_budget(tmp_path, capsys):
     assert {"AP", "AP50", "AP75", "APs", "APm", "APl"} <= set(metrics)
     for name in ("detections.png", "sampling_points.png"):
         assert (out / name).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_fine_tune_a_save_pretrained_folder_in_one_command(tmp_path, capsys):
+    pytest.importorskip("transformers")
+    import json
+
+    from msdeformattn.train.synthetic import CLASSES, generate
+    from tests.models.test_convert import hf_model
+
+    hf = hf_model(num_labels=91, random_weights=False)
+    hf.save_pretrained(tmp_path / "hf")
+    data = generate(tmp_path / "data", num_train=4, num_val=2, seed=3)
+    (tmp_path / "small.json").write_text(
+        json.dumps({"augmentation": "simple", "image_size": 64, "batch_size": 4, "epochs": 1})
+    )
+    run = tmp_path / "run"
+    main(["train", "--data", str(data), "-o", str(run), "--init", str(tmp_path / "hf"),
+          "--config", str(tmp_path / "small.json")])  # fmt: skip
+    printed = capsys.readouterr().out
+    assert "re-initialised" in printed and "class_embed" in printed
+    model, config, extra = load_checkpoint(run / "last.pt")
+    assert config.num_classes == len(CLASSES) == 4
+    assert extra["dataset"]["category_names"] == list(CLASSES)
+    # The pretrained stem stays frozen while fine-tuning: still the folder's weights.
+    torch.testing.assert_close(
+        model.backbone[0].body.conv1.weight,
+        hf.state_dict()["model.backbone.model.embedder.embedder.convolution.weight"],
+    )
+
+
+def test_backbone_weights_flag_loads_a_torchvision_state_dict(tmp_path, capsys):
+    from msdeformattn.train.synthetic import CLASSES, generate
+
+    data = generate(tmp_path / "data", num_train=4, num_val=2, seed=3)
+    torch.manual_seed(5)  # weights unlike the run's own seeded initialisation
+    body = build_model(DeformableDETRConfig.tiny(num_classes=len(CLASSES))).backbone[0].body
+    state = dict(body.state_dict())
+    state["fc.weight"] = torch.zeros(10, 256)
+    torch.save(state, tmp_path / "resnet.pth")
+    main(["train", "--data", str(data), "-o", str(tmp_path / "run"), "--epochs", "1",
+          "--batch-size", "4", "--image-size", "64", "--backbone-weights",
+          str(tmp_path / "resnet.pth"), "--backbone-norm", "frozen"])  # fmt: skip
+    assert "backbone from" in capsys.readouterr().out
+    model, _, _ = load_checkpoint(tmp_path / "run" / "last.pt")
+    # Frozen stem: exactly the file's weights after training.
+    torch.testing.assert_close(model.backbone[0].body.conv1.weight, state["conv1.weight"])

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from .train.config import PRESETS
+from .util.errors import UsageError
 
 __all__ = ["main"]
 
@@ -105,13 +106,16 @@ def _train(args: argparse.Namespace) -> None:
         preset = PRESETS[args.model or ("deformable-detr" if args.init else "tiny")]
         cfg = _train_config(args, preset.train)
         if args.init:
-            model, report = DeformableDETR.from_pretrained(
-                args.init, num_classes=num_classes, output_loading_info=True
-            )
+            try:
+                model, report = DeformableDETR.from_pretrained(
+                    args.init, num_classes=num_classes, output_loading_info=True
+                )
+            except ValueError as e:
+                raise UsageError(f"--init: {e}") from None
             print(f"initialised from {args.init}: {report}")
             model_config = _model_config(args, model.config)
             if model_config != model.config:
-                raise ValueError(
+                raise UsageError(
                     "--init: the model comes from SOURCE; --model-config and model "
                     "flags cannot change it"
                 )
@@ -122,10 +126,11 @@ def _train(args: argparse.Namespace) -> None:
                 from .models import build_model
 
                 model = build_model(model_config)
-            print(
-                f"backbone from {args.backbone_weights}: "
-                f"{load_backbone_weights(model, args.backbone_weights)}"
-            )
+            try:
+                report = load_backbone_weights(model, args.backbone_weights)
+            except ValueError as e:
+                raise UsageError(f"--backbone-weights: {e}") from None
+            print(f"backbone from {args.backbone_weights}: {report}")
     metrics = train(
         data,
         args.output,
@@ -159,7 +164,10 @@ def _load(args: argparse.Namespace):
 
     _require(Path(args.checkpoint), "checkpoint")
     device = resolve_device(args.device)
-    model, config, extra = load_checkpoint(args.checkpoint)
+    try:
+        model, config, extra = load_checkpoint(args.checkpoint)
+    except ValueError as e:
+        raise UsageError(f"checkpoint: {e}") from None
     return model.to(device), config, extra, device
 
 
@@ -181,14 +189,14 @@ def _category_ids(config, extra: dict, dataset) -> list[int]:
     saved = extra.get("dataset", {}).get("category_ids")
     if saved is None:
         if config.num_classes != dataset.num_classes:
-            raise ValueError(
+            raise UsageError(
                 f"the checkpoint has {config.num_classes} classes, the dataset "
                 f"{dataset.num_classes} categories"
             )
         return list(dataset.category_ids)
     unknown = sorted(set(dataset.category_ids) - set(saved))
     if unknown:
-        raise ValueError(f"--data: categories {unknown} are not among the checkpoint's {saved}")
+        raise UsageError(f"--data: categories {unknown} are not among the checkpoint's {saved}")
     return list(saved)
 
 
@@ -468,7 +476,7 @@ def main(argv: list[str] | None = None) -> None:
     }
     try:
         commands[args.command](args)
-    except (ValueError, FileNotFoundError, FileExistsError) as e:
+    except (UsageError, FileNotFoundError) as e:
         # A user's mistake: one line naming what is wrong, exit status 2.
         parser.exit(2, f"msdeformattn {args.command}: error: {e}\n")
 

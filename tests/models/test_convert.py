@@ -41,7 +41,7 @@ def randomize(model):
     return model
 
 
-def hf_model(layer_type="basic", **kw):
+def hf_model(layer_type="basic", random_weights=True, **kw):
     """A small transformers Deformable DETR with random weights.
 
     kw: DeformableDetrConfig fields; ``backbone_config=None`` is transformers' default
@@ -69,7 +69,8 @@ def hf_model(layer_type="basic", **kw):
         use_timm_backbone=False, backbone=None, use_pretrained_backbone=False, **{**fields, **kw}
     )
     torch.manual_seed(0)
-    return randomize(DeformableDetrForObjectDetection(cfg).eval())
+    model = DeformableDetrForObjectDetection(cfg).eval()
+    return randomize(model) if random_weights else model
 
 
 def padded_batch(height=96, width=128):

@@ -15,6 +15,7 @@ from msdeformattn.train import loop
 from msdeformattn.train.config import PRESETS, TrainConfig
 from msdeformattn.train.engine import train_one_epoch
 from msdeformattn.train.synthetic import CLASSES, generate
+from msdeformattn.util.errors import UsageError
 from tests.conftest import DEVICES
 
 TINY = replace(
@@ -93,17 +94,17 @@ def test_resume_after_an_interruption_continues_bit_for_bit(data, tmp_path, monk
 
 def test_a_run_folder_is_never_overwritten(data, tmp_path):
     out = tmp_path / "run"
-    with pytest.raises(FileNotFoundError, match="nothing to resume"):
+    with pytest.raises(UsageError, match="nothing to resume"):
         loop.train(data, out, cfg=TINY, resume=True, progress=False)
     loop.train(data, out, cfg=replace(TINY, epochs=1), progress=False)
     before = (out / "last.pt").read_bytes()
-    with pytest.raises(FileExistsError, match="already holds a run"):
+    with pytest.raises(UsageError, match="already holds a run"):
         loop.train(data, out, cfg=TINY, progress=False)
     assert (out / "last.pt").read_bytes() == before
 
 
 def test_a_training_set_smaller_than_one_batch_is_refused(data, tmp_path):
-    with pytest.raises(ValueError, match="fewer than one batch"):
+    with pytest.raises(UsageError, match="fewer than one batch"):
         loop.train(data, tmp_path / "run", cfg=replace(TINY, batch_size=16), progress=False)
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from ..models.deformable_detr import DeformableDETRConfig
+from ..util.errors import UsageError
 
 __all__ = ["PRESETS", "Preset", "TrainConfig", "from_dict", "load_json_config"]
 
@@ -81,7 +82,7 @@ class TrainConfig:
         }
         for name, ok in checks.items():
             if not ok:
-                raise ValueError(f"{name} has an invalid value: {getattr(self, name)!r}")
+                raise UsageError(f"{name} has an invalid value: {getattr(self, name)!r}")
         choices = {
             "schedule": ("step", "cosine", "constant"),
             "augmentation": ("detr", "simple"),
@@ -89,7 +90,7 @@ class TrainConfig:
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
-                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+                raise UsageError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
 
 
 @dataclass(frozen=True)
@@ -146,13 +147,13 @@ def load_json_config(cls: type, path: str | Path, base: Any, **overrides) -> Any
         try:
             values = json.loads(Path(path).read_text())
         except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+            raise UsageError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
         if not isinstance(values, dict):
-            raise ValueError(f"{path}: expected a JSON object of {cls.__name__} fields")
+            raise UsageError(f"{path}: expected a JSON object of {cls.__name__} fields")
     fields = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - fields)
     if unknown:
-        raise ValueError(
+        raise UsageError(
             f"{path}: unknown {cls.__name__} fields {unknown}; known: {', '.join(sorted(fields))}"
         )
     values = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}

@@ -17,6 +17,7 @@ from torch import nn
 from tqdm import tqdm
 
 from ..models.deformable_detr import DeformableDETR, DeformableDETRConfig
+from ..util.errors import UsageError
 from .build import build
 from .config import PRESETS, TrainConfig, from_dict
 from .data import (
@@ -52,9 +53,9 @@ def resolve_device(device: str | torch.device | None = None) -> torch.device:
     try:
         device = torch.device(device)
     except RuntimeError:
-        raise ValueError(f"--device: unknown device {device!r} (e.g. cpu, cuda, cuda:1)") from None
+        raise UsageError(f"--device: unknown device {device!r} (e.g. cpu, cuda, cuda:1)") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {device}: CUDA is not available on this machine")
+        raise UsageError(f"--device {device}: CUDA is not available on this machine")
     return device
 
 
@@ -174,7 +175,7 @@ def build_loaders(data: Path, cfg: TrainConfig, rank: int = 0, world: int = 1):
         data / "val", data / "annotations/instances_val.json", eval_transforms(cfg)
     )
     if len(train_set) < cfg.batch_size:
-        raise ValueError(
+        raise UsageError(
             f"the training set has {len(train_set)} images, fewer than one batch "
             f"(--batch-size {cfg.batch_size})"
         )
@@ -199,9 +200,9 @@ def _atomic_save(obj: dict, path: Path) -> None:
 def _check_output(output: Path, resume: bool) -> None:
     present = [name for name in RUN_FILES if (output / name).exists()]
     if resume and not (output / "last.pt").exists():
-        raise FileNotFoundError(f"--resume: {output / 'last.pt'} does not exist, nothing to resume")
+        raise UsageError(f"--resume: {output / 'last.pt'} does not exist, nothing to resume")
     if not resume and present:
-        raise FileExistsError(
+        raise UsageError(
             f"--output {output} already holds a run ({', '.join(present)}); "
             "pass --resume to continue it or choose another folder"
         )
@@ -247,7 +248,7 @@ def train(
     if model_config is None:
         model_config = PRESETS["tiny"].model(train_set.num_classes)
     if model_config.num_classes != train_set.num_classes:
-        raise ValueError(
+        raise UsageError(
             f"the model has {model_config.num_classes} classes, the dataset "
             f"{train_set.num_classes}: pass num_classes={train_set.num_classes}"
         )

@@ -55,6 +55,10 @@ class HungarianMatcher(nn.Module):
         pos = self.alpha * (1 - prob) ** self.gamma * -(prob + 1e-8).log()
         cost_class = pos[:, tgt_ids] - neg[:, tgt_ids]
         cost_bbox = torch.cdist(boxes, tgt_boxes, p=1)
+        if not torch.isfinite(boxes).all():
+            raise FloatingPointError(
+                "predicted boxes are not finite: training diverged (try a lower --lr)"
+            )
         cost_giou = -generalized_box_iou(box_cxcywh_to_xyxy(boxes), box_cxcywh_to_xyxy(tgt_boxes))
         cost = (
             self.cost_bbox * cost_bbox + self.cost_class * cost_class + self.cost_giou * cost_giou
