@@ -149,8 +149,26 @@ def test_train_evaluate_visualize_predict(tmp_path, capsys):
             ["evaluate", "{tmp}/missing.pt", "--data", "{data}"],
             "checkpoint: .*missing.pt does not exist",
         ),
+        (
+            ["train", "--data", "{data}", "-o", "{tmp}/run", "--resume", "--lr", "0.1"],
+            "--resume continues the run as configured: drop --lr",
+        ),
+        (
+            ["train", "--data", "{data}", "-o", "{tmp}/run", "--model-config", "{tmp}/two.json"],
+            "two_stage needs with_box_refine",
+        ),
     ],
-    ids=["data", "batch-size", "minutes", "resume", "device", "config", "checkpoint"],
+    ids=[
+        "data",
+        "batch-size",
+        "minutes",
+        "resume",
+        "device",
+        "config",
+        "checkpoint",
+        "resume-flags",
+        "two-stage",
+    ],
 )
 def test_user_mistakes_are_one_line_and_exit_2(tmp_path, capsys, args, message):
     import re
@@ -159,6 +177,7 @@ def test_user_mistakes_are_one_line_and_exit_2(tmp_path, capsys, args, message):
 
     data = generate(tmp_path / "data", num_train=2, num_val=1, seed=0)
     (tmp_path / "bad.json").write_text('{"learning_rate": 1}')
+    (tmp_path / "two.json").write_text('{"two_stage": true}')
     argv = [a.format(tmp=tmp_path, data=data) for a in args]
     with pytest.raises(SystemExit) as exit_info:
         main(argv)
@@ -169,17 +188,32 @@ def test_user_mistakes_are_one_line_and_exit_2(tmp_path, capsys, args, message):
     assert not (tmp_path / "run" / "last.pt").exists()
 
 
-def test_demo_end_to_end_on_a_small_budget(tmp_path, capsys):
+def test_demo_end_to_end_on_a_small_budget_and_a_rerun_keeps_the_first(tmp_path, capsys):
     import json
 
     out = tmp_path / "demo"
-    main(["demo", "-o", str(out), "--minutes", "0.02", "--train-images", "16", "--val-images", "4"])
+    argv = [
+        "demo",
+        "-o",
+        str(out),
+        "--minutes",
+        "0.02",
+        "--train-images",
+        "16",
+        "--val-images",
+        "4",
+    ]
+    main(argv)
     printed = capsys.readouterr().out
     assert "AP" in printed and "wrote" in printed
-    metrics = json.loads((out / "metrics.json").read_text())
+    metrics = json.loads((out / "run" / "metrics.json").read_text())
     assert {"AP", "AP50", "AP75", "APs", "APm", "APl"} <= set(metrics)
-    for name in ("detections.png", "sampling_points.png"):
-        assert (out / name).read_bytes()[:4] == b"\x89PNG"
+    for name in ("detections.png", "sampling_points.png", "curves.png"):
+        assert (out / "run" / name).read_bytes()[:4] == b"\x89PNG"
+    first = (out / "run" / "last.pt").read_bytes()
+    main(argv)
+    assert (out / "run-2" / "last.pt").exists()
+    assert (out / "run" / "last.pt").read_bytes() == first
 
 
 def test_fine_tune_a_save_pretrained_folder_in_one_command(tmp_path, capsys):
@@ -226,3 +260,18 @@ def test_backbone_weights_flag_loads_a_torchvision_state_dict(tmp_path, capsys):
     model, _, _ = load_checkpoint(tmp_path / "run" / "last.pt")
     # Frozen stem: exactly the file's weights after training.
     torch.testing.assert_close(model.backbone[0].body.conv1.weight, state["conv1.weight"])
+
+
+def test_resume_of_a_run_that_used_its_budget_asks_for_more(tmp_path, capsys):
+    from msdeformattn.train.synthetic import generate
+
+    data = generate(tmp_path / "data", num_train=4, num_val=2, seed=0)
+    run = tmp_path / "run"
+    main(["train", "--data", str(data), "-o", str(run), "--minutes", "0.0001", "--epochs", "5",
+          "--batch-size", "2", "--image-size", "64"])  # fmt: skip
+    before = (run / "last.pt").read_bytes()
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--data", str(data), "-o", str(run), "--resume"])
+    assert exit_info.value.code == 2
+    assert "used its budget" in capsys.readouterr().err
+    assert (run / "last.pt").read_bytes() == before

@@ -73,7 +73,8 @@ def _model_config(args: argparse.Namespace, base):
     from .train.config import load_json_config
 
     flags = {
-        "with_box_refine": args.with_box_refine or None,
+        # The reference's two-stage model always refines its boxes.
+        "with_box_refine": args.with_box_refine or args.two_stage or None,
         "two_stage": args.two_stage or None,
         "backbone_norm": args.backbone_norm,
     }
@@ -93,14 +94,7 @@ def _train(args: argparse.Namespace) -> None:
     num_classes = CocoDetection(data / "val", data / "annotations/instances_val.json").num_classes
     model = None
     if args.resume:
-        model_config = cfg = None
-        if args.epochs is not None or args.minutes is not None:
-            base = _saved_train_config(Path(args.output) / "last.pt")
-            cfg = dataclasses.replace(
-                base,
-                epochs=args.epochs or base.epochs,
-                minutes=args.minutes if args.minutes is not None else base.minutes,
-            )
+        model_config, cfg = None, _resumed_config(args)
     else:
         # An initialisation from published weights fine-tunes with the paper's recipe.
         preset = PRESETS[args.model or ("deformable-detr" if args.init else "tiny")]
@@ -143,13 +137,48 @@ def _train(args: argparse.Namespace) -> None:
     print(json.dumps(metrics, indent=1))
 
 
-def _saved_train_config(path: Path):
+#: Flags that would change a run; --resume continues it as it was configured.
+_RUN_FLAGS = {
+    "model": "--model", "model_config": "--model-config", "config": "--config",
+    "init": "--init", "backbone_weights": "--backbone-weights", "amp": "--amp",
+    "batch_size": "--batch-size", "lr": "--lr", "schedule": "--schedule",
+    "ema_decay": "--ema-decay", "eval_every": "--eval-every", "image_size": "--image-size",
+    "num_workers": "--workers", "seed": "--seed", "with_box_refine": "--with-box-refine",
+    "two_stage": "--two-stage", "backbone_norm": "--backbone-norm", "flip": "--no-flip",
+}  # fmt: skip
+
+
+def _resumed_config(args: argparse.Namespace):
+    """The saved run's TrainConfig with the new --epochs/--minutes (both totals)."""
     from .train.config import TrainConfig, from_dict
 
-    _require(path, "--resume")
-    return from_dict(
-        TrainConfig, torch.load(path, map_location="cpu", weights_only=True)["train_config"]
+    given = [flag for name, flag in _RUN_FLAGS.items() if getattr(args, name) not in (None, False)]
+    if given:
+        raise UsageError(
+            f"--resume continues the run as configured: drop {', '.join(given)} "
+            "(only --epochs, --minutes and --device may change)"
+        )
+    path = Path(args.output) / "last.pt"
+    if not path.exists():
+        raise UsageError(f"--resume: {path} does not exist, nothing to resume")
+    saved = torch.load(path, map_location="cpu", weights_only=True)
+    base = from_dict(TrainConfig, saved["train_config"])
+    cfg = dataclasses.replace(
+        base,
+        epochs=args.epochs or base.epochs,
+        minutes=args.minutes if args.minutes is not None else base.minutes,
     )
+    if cfg.minutes is not None and saved["elapsed"] >= cfg.minutes * 60:
+        raise UsageError(
+            f"--resume: the run used its budget ({saved['elapsed'] / 60:.1f} of {cfg.minutes:g} "
+            "min); pass a larger --minutes (the total)"
+        )
+    if saved["epoch"] + 1 >= cfg.epochs:
+        raise UsageError(
+            f"--resume: the run finished its {cfg.epochs} epochs; "
+            "pass a larger --epochs (the total)"
+        )
+    return cfg
 
 
 def _require(path: Path, flag: str) -> None:
@@ -264,10 +293,13 @@ def _predict(args: argparse.Namespace) -> None:
     ids = extra.get("dataset", {}).get("category_ids") or list(range(config.num_classes))
     output = Path(args.output)
     output.mkdir(parents=True, exist_ok=True)
-    found = []
+    found, written = [], set()
     for name in args.images:
         _require(Path(name), "images")
-        rgb = np.asarray(Image.open(name).convert("RGB"))
+        try:
+            rgb = np.asarray(Image.open(name).convert("RGB"))
+        except (OSError, Image.DecompressionBombError) as e:
+            raise UsageError(f"images: {name} is not a readable image ({e})") from None
         image = torch.from_numpy(rgb.astype(np.float32) / 255).permute(2, 0, 1)
         image, _ = transform(image, {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0)})
         images, mask, _ = collate([(image, {})])
@@ -276,7 +308,12 @@ def _predict(args: argparse.Namespace) -> None:
         # Boxes in the original image's pixels.
         (result,) = post_process(out, torch.tensor([rgb.shape[:2]], device=device))
         result = {k: v.cpu() for k, v in result.items()}
-        path = output / (Path(name).stem + "_detections.png")
+        # Two inputs with the same name (from different folders) get two pictures.
+        path, k = output / f"{Path(name).stem}_detections.png", 1
+        while path in written:
+            k += 1
+            path = output / f"{Path(name).stem}-{k}_detections.png"
+        written.add(path)
         draw_boxes(rgb, result, path, names, args.threshold)
         for score, label, (x0, y0, x1, y1) in zip(
             result["scores"].tolist(),
@@ -300,7 +337,6 @@ def _predict(args: argparse.Namespace) -> None:
 
 
 def _demo(args: argparse.Namespace) -> None:
-    import shutil
     import time
 
     from .models.checkpoint import load_checkpoint
@@ -322,10 +358,9 @@ def _demo(args: argparse.Namespace) -> None:
     preset = PRESETS["tiny"]
     cfg = dataclasses.replace(preset.train, minutes=args.minutes, seed=args.seed, eval_every=2)
     metrics = train(data, run, preset.model(len(CLASSES)), cfg, device=args.device)
-    shutil.copyfile(run / "metrics.json", output / "metrics.json")
     model, config, extra = load_checkpoint(run / "last.pt")
     model.to(resolve_device(args.device))
-    pictures = _pictures(model, config, extra, data, output, cfg, 0.3)
+    pictures = _pictures(model, config, extra, data, run, cfg, 0.3)
     print(
         f"\ntrained the tiny Deformable DETR for {args.minutes} min "
         f"({time.perf_counter() - t0:.0f} s in all)"
@@ -333,8 +368,8 @@ def _demo(args: argparse.Namespace) -> None:
     print("COCO metrics on the synthetic validation split:")
     print("  " + "  ".join(f"{k} {metrics[k]:.3f}" for k in ("AP", "AP50", "AP75")))
     print(
-        f"wrote {output / 'metrics.json'}, {run} (checkpoints, log, curves.png), "
-        + ", ".join(str(p) for p in pictures)
+        f"wrote {run / 'metrics.json'}, checkpoints, log.jsonl, curves.png, "
+        + ", ".join(str(p.name) for p in pictures)
     )
 
 
@@ -396,8 +431,10 @@ def main(argv: list[str] | None = None) -> None:
     )
     _device_flag(train_p)
     train_p.add_argument("--amp", choices=["bf16", "fp16"], help="mixed precision (autocast)")
-    train_p.add_argument("--minutes", type=_positive(float), help="wall-clock training budget")
-    train_p.add_argument("--epochs", type=_positive(int))
+    train_p.add_argument(
+        "--minutes", type=_positive(float), help="wall-clock training budget (total, on --resume)"
+    )
+    train_p.add_argument("--epochs", type=_positive(int), help="total, on --resume")
     train_p.add_argument("--batch-size", dest="batch_size", type=_positive(int), help="global")
     train_p.add_argument("--lr", type=_positive(float))
     train_p.add_argument("--schedule", choices=["step", "cosine", "constant"])

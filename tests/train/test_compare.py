@@ -24,7 +24,7 @@ def test_dense_detector_uses_ordinary_attention_and_masks_padding():
     mask = torch.zeros(1, 64, 64, dtype=torch.bool)
     out = model(images, mask)
     assert out["pred_logits"].shape == (1, 30, 4)
-    with pytest.raises(ValueError, match="attention must be 'deformable' or 'dense'"):
+    with pytest.raises(ValueError, match="attention must be one of \\('deformable', 'dense'\\)"):
         build_model(DeformableDETRConfig.tiny(attention="sparse"))
 
 

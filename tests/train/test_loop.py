@@ -176,3 +176,20 @@ def test_train_config_rejects_bad_values():
         TrainConfig(minutes=-1)
     with pytest.raises(ValueError, match="schedule must be one of"):
         TrainConfig(schedule="linear")
+
+
+def test_train_and_val_must_share_their_categories(data, tmp_path):
+    import shutil
+
+    other = tmp_path / "data"
+    shutil.copytree(data, other)
+    path = other / "annotations" / "instances_val.json"
+    coco = json.loads(path.read_text())
+    shift = {c["id"]: c["id"] + 10 for c in coco["categories"]}
+    for c in coco["categories"]:
+        c["id"] = shift[c["id"]]
+    for a in coco["annotations"]:
+        a["category_id"] = shift[a["category_id"]]
+    path.write_text(json.dumps(coco))
+    with pytest.raises(UsageError, match="differ from val categories"):
+        loop.train(other, tmp_path / "run", cfg=TINY, progress=False)

@@ -7,6 +7,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
+from ..util.errors import UsageError
+
 __all__ = ["DeformableDETRConfig", "config_from_dict"]
 
 
@@ -43,6 +45,23 @@ class DeformableDETRConfig:
     backend: str | None = None
     #: "dense": the DETR-style baseline with ordinary attention in encoder and cross-attention
     attention: str = "deformable"
+
+    def __post_init__(self) -> None:
+        choices = {
+            "backbone_norm": ("frozen", "batch"),
+            "backbone_block": ("basic", "bottleneck"),
+            "attention": ("deformable", "dense"),
+        }
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise UsageError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        for name in ("num_classes", "d_model", "nheads", "dec_layers", "num_queries"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise UsageError(f"{name} must be a positive integer, got {value!r}")
+        if self.two_stage and not self.with_box_refine:
+            # The reference's two-stage decoder refines the proposals it starts from.
+            raise UsageError("two_stage needs with_box_refine (as in the reference)")
 
     @classmethod
     def tiny(cls, num_classes: int = 4, **overrides) -> DeformableDETRConfig:

@@ -4,10 +4,12 @@ checkpoints worth keeping and exact resume. The per-epoch work is in :mod:`.engi
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import json
 import os
 import random
 import time
+import warnings
 from dataclasses import replace
 from pathlib import Path
 
@@ -56,6 +58,8 @@ def resolve_device(device: str | torch.device | None = None) -> torch.device:
         raise UsageError(f"--device: unknown device {device!r} (e.g. cpu, cuda, cuda:1)") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UsageError(f"--device {device}: CUDA is not available on this machine")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise UsageError(f"--device {device}: this machine has {torch.cuda.device_count()} GPU(s)")
     return device
 
 
@@ -71,7 +75,10 @@ def setup_distributed(device: torch.device) -> tuple[int, int, torch.device]:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)
     if not torch.distributed.is_initialized():
-        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        # Rank 0 evaluates alone while the others wait: allow a COCO-size evaluation.
+        torch.distributed.init_process_group(
+            "nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(hours=2)
+        )
     return torch.distributed.get_rank(), torch.distributed.get_world_size(), device
 
 
@@ -86,8 +93,8 @@ class GlobalBatchSampler(torch.utils.data.Sampler):
         self, size: int, batch_size: int, rank: int = 0, world: int = 1, seed: int = 0
     ) -> None:
         if batch_size % world:
-            raise ValueError(
-                f"batch_size ({batch_size}) must be divisible by the world size ({world})"
+            raise UsageError(
+                f"--batch-size {batch_size} must be divisible by the number of processes ({world})"
             )
         self.size, self.batch_size, self.rank, self.world, self.seed = (
             size,
@@ -140,12 +147,24 @@ def _set_rng_state(state: dict) -> None:
 
 
 def _param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict]:
-    slow_names = ("backbone.0", "sampling_offsets", "reference_points")
-    slow, fast = [], []
+    """The reference's three learning rates: the rest, the backbone, and the sampling
+    offsets and reference points (the linear projections that place the samples)."""
+    groups: dict[str, list] = {"rest": [], "backbone": [], "linear_proj": []}
     for name, p in model.named_parameters():
-        if p.requires_grad:
-            (slow if any(s in name for s in slow_names) else fast).append(p)
-    return [{"params": fast, "lr": cfg.lr}, {"params": slow, "lr": cfg.lr * cfg.lr_slow_factor}]
+        if not p.requires_grad:
+            continue
+        if name.startswith("backbone.0"):
+            groups["backbone"].append(p)
+        elif "sampling_offsets" in name or "reference_points" in name:
+            groups["linear_proj"].append(p)
+        else:
+            groups["rest"].append(p)
+    factors = {
+        "rest": 1.0,
+        "backbone": cfg.lr_backbone_factor,
+        "linear_proj": cfg.lr_linear_proj_factor,
+    }
+    return [{"params": ps, "lr": cfg.lr * factors[k]} for k, ps in groups.items() if ps]
 
 
 def _freeze_pretrained_stem(model: DeformableDETR) -> None:
@@ -169,11 +188,16 @@ def build_loaders(data: Path, cfg: TrainConfig, rank: int = 0, world: int = 1):
     else:
         train_tf = simple_train_transforms(cfg.image_size, flip=cfg.flip)
     train_set = CocoDetection(
-        data / "train", data / "annotations/instances_train.json", train_tf, seed=cfg.seed + rank
+        data / "train", data / "annotations/instances_train.json", train_tf, seed=cfg.seed
     )
     val_set = CocoDetection(
         data / "val", data / "annotations/instances_val.json", eval_transforms(cfg)
     )
+    if train_set.category_ids != val_set.category_ids:
+        raise UsageError(
+            f"--data: train categories {train_set.category_ids} differ from val categories "
+            f"{val_set.category_ids}"
+        )
     if len(train_set) < cfg.batch_size:
         raise UsageError(
             f"the training set has {len(train_set)} images, fewer than one batch "
@@ -181,11 +205,21 @@ def build_loaders(data: Path, cfg: TrainConfig, rank: int = 0, world: int = 1):
         )
     sampler = GlobalBatchSampler(len(train_set), cfg.batch_size, rank, world, cfg.seed)
     workers = {"num_workers": cfg.num_workers, "persistent_workers": cfg.num_workers > 0}
+    # Their own generators: creating an iterator then never draws from the global RNG,
+    # which a resumed run must find as the interrupted one left it.
     train_loader = torch.utils.data.DataLoader(
-        train_set, batch_sampler=sampler, collate_fn=collate, **workers
+        train_set,
+        batch_sampler=sampler,
+        collate_fn=collate,
+        generator=torch.Generator().manual_seed(cfg.seed),
+        **workers,
     )
     val_loader = torch.utils.data.DataLoader(
-        val_set, batch_size=max(1, cfg.batch_size // world), collate_fn=collate, **workers
+        val_set,
+        batch_size=max(1, cfg.batch_size // world),
+        collate_fn=collate,
+        generator=torch.Generator().manual_seed(cfg.seed),
+        **workers,
     )
     return train_set, val_set, train_loader, val_loader
 
@@ -252,8 +286,20 @@ def train(
             f"the model has {model_config.num_classes} classes, the dataset "
             f"{train_set.num_classes}: pass num_classes={train_set.num_classes}"
         )
+    # As the reference, a pretrained trunk keeps its stem and layer1 fixed.
+    frozen_stem = (
+        ckpt.get("frozen_stem", False)
+        if ckpt is not None
+        else model is not None and model_config.backbone_norm == "frozen"
+    )
+    if model is None and model_config.backbone_norm == "frozen" and ckpt is None:
+        warnings.warn(
+            "training a randomly initialised backbone with frozen BatchNorm: pass --init or "
+            "--backbone-weights (an ImageNet ResNet), or --backbone-norm batch",
+            stacklevel=2,
+        )
     model, criterion, postprocessor = build(model_config, cfg, model)
-    if model_config.backbone_norm == "frozen":
+    if frozen_stem:
         _freeze_pretrained_stem(model)
     if ckpt is not None:
         model.load_state_dict(ckpt.get("train_model", ckpt["model"]))
@@ -272,7 +318,10 @@ def train(
     def training_seconds() -> float:
         return elapsed + time.perf_counter() - epoch_start[0]
 
-    scheduler = build_scheduler(optimizer, cfg, len(train_loader), training_seconds)
+    # Training seconds as all ranks agree on them (the slowest clock), read by the schedule so
+    # every rank steps with the same learning rate.
+    clock = [0.0]
+    scheduler = build_scheduler(optimizer, cfg, len(train_loader), lambda: clock[0])
     scaler = torch.amp.GradScaler(device.type) if cfg.amp == "fp16" else None
     ema = None if cfg.ema_decay is None else ema_model(model, cfg.ema_decay, cfg.ema_warmup_steps)
     start_epoch, best_ap, metrics = 0, -1.0, {}
@@ -291,10 +340,11 @@ def train(
     def out_of_time() -> bool:
         if budget is None:
             return False
-        stop = torch.tensor([float(training_seconds() >= budget)], device=device)
+        seconds = torch.tensor([training_seconds()], dtype=torch.float64, device=device)
         if world > 1:
-            torch.distributed.all_reduce(stop, op=torch.distributed.ReduceOp.MAX)
-        return bool(stop.item())
+            torch.distributed.all_reduce(seconds, op=torch.distributed.ReduceOp.MAX)
+        clock[0] = float(seconds.item())
+        return clock[0] >= budget
 
     names = [val_set.coco.cats[c]["name"] for c in val_set.category_ids]
     meta = {
@@ -308,9 +358,11 @@ def train(
     log_path = output / "log.jsonl"
     done = False
     for epoch in range(start_epoch, cfg.epochs):
+        epoch_start[0] = time.perf_counter()
+        if out_of_time():
+            break
         train_loader.batch_sampler.set_epoch(epoch)
         train_set.set_epoch(epoch)
-        epoch_start[0] = time.perf_counter()
         stats = train_one_epoch(
             net,
             criterion,
@@ -329,6 +381,8 @@ def train(
         elapsed += stats["seconds"]
         done = out_of_time() or epoch + 1 == cfg.epochs
         if not main_process:
+            if done:
+                break
             continue
         record = {
             "epoch": epoch,
@@ -348,6 +402,7 @@ def train(
             "scheduler": scheduler.state_dict(),
             "epoch": epoch,
             "elapsed": elapsed,
+            "frozen_stem": frozen_stem,
             "rng": _rng_state(),
         }
         if ema is not None:
