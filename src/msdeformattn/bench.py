@@ -413,12 +413,10 @@ def format_table(rows: list[dict], bandwidth: bool = False) -> str:
     return "\n".join(lines)
 
 
-def detector_benchmark(height: int, width: int, min_run_time: float, onnx: bool = False) -> str:
-    """Full-size Deformable DETR inference (ResNet-50, 6+6 layers, 300 queries), ours vs
-    transformers' DeformableDetrForObjectDetection with the same (random) weights."""
+def _full_size_transformers_model(**config):
+    """transformers' DeformableDetrForObjectDetection with the paper's sizes and its own
+    ResNet-50 (no timm, no download), seeded random weights; ``config``: more fields."""
     from transformers import DeformableDetrConfig, DeformableDetrForObjectDetection, ResNetConfig
-
-    from .models import DeformableDETR
 
     backbone = ResNetConfig(
         depths=[3, 4, 6, 3],
@@ -426,14 +424,24 @@ def detector_benchmark(height: int, width: int, min_run_time: float, onnx: bool 
         layer_type="bottleneck",
         out_features=["stage2", "stage3", "stage4"],
     )
-    config = DeformableDetrConfig(
-        use_timm_backbone=False,
-        backbone_config=backbone,
-        backbone=None,
-        use_pretrained_backbone=False,
-    )
     torch.manual_seed(0)
-    hf = DeformableDetrForObjectDetection(config).eval()
+    return DeformableDetrForObjectDetection(
+        DeformableDetrConfig(
+            use_timm_backbone=False,
+            backbone_config=backbone,
+            backbone=None,
+            use_pretrained_backbone=False,
+            **config,
+        )
+    )
+
+
+def detector_benchmark(height: int, width: int, min_run_time: float, onnx: bool = False) -> str:
+    """Full-size Deformable DETR inference (ResNet-50, 6+6 layers, 300 queries), ours vs
+    transformers' DeformableDetrForObjectDetection with the same (random) weights."""
+    from .models import DeformableDETR
+
+    hf = _full_size_transformers_model().eval()
     ours, report = DeformableDETR.from_transformers(hf, output_loading_info=True)
     if not report.exact:
         raise RuntimeError(f"weights did not convert exactly: {report}")
@@ -487,29 +495,11 @@ def _detector_train_step(which: str, height: int, width: int):
 
     Two images, four boxes each; dropout off in both so the two compute the same loss.
     """
-    from transformers import DeformableDetrConfig, DeformableDetrForObjectDetection, ResNetConfig
-
     from .models import DeformableDETR
     from .train.build import build_criterion
     from .train.config import TrainConfig
 
-    backbone = ResNetConfig(
-        depths=[3, 4, 6, 3],
-        hidden_sizes=[256, 512, 1024, 2048],
-        layer_type="bottleneck",
-        out_features=["stage2", "stage3", "stage4"],
-    )
-    config = DeformableDetrConfig(
-        use_timm_backbone=False,
-        backbone_config=backbone,
-        backbone=None,
-        use_pretrained_backbone=False,
-        auxiliary_loss=True,
-        dropout=0.0,
-        num_labels=91,
-    )
-    torch.manual_seed(0)
-    hf = DeformableDetrForObjectDetection(config).train()
+    hf = _full_size_transformers_model(auxiliary_loss=True, dropout=0.0, num_labels=91).train()
     ours = DeformableDETR.from_transformers(hf).train()
     # transformers weighs the class loss and cost 1 where the reference uses 2: use its values.
     criterion = build_criterion(ours.config, TrainConfig(cls_loss_coef=1.0, set_cost_class=1.0))

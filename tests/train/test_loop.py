@@ -108,11 +108,16 @@ def test_a_training_set_smaller_than_one_batch_is_refused(data, tmp_path):
         loop.train(data, tmp_path / "run", cfg=replace(TINY, batch_size=16), progress=False)
 
 
-def test_wall_clock_budget_stops_training(data, tmp_path):
+def test_wall_clock_budget_stops_training_when_spent(data, tmp_path):
     cfg = replace(TINY, batch_size=2, epochs=1000, minutes=0.002)
     loop.train(data, tmp_path / "run", cfg=cfg, progress=False)
     lines = (tmp_path / "run" / "log.jsonl").read_text().splitlines()
     assert len(lines) == 1 and "AP" in json.loads(lines[0])
+    # Over several epochs: training stops only once the whole budget is used.
+    cfg = replace(cfg, minutes=0.05, eval_every=1000)
+    loop.train(data, tmp_path / "run2", cfg=cfg, progress=False)
+    rows = [json.loads(x) for x in (tmp_path / "run2" / "log.jsonl").read_text().splitlines()]
+    assert len(rows) > 1 and rows[-1]["elapsed_s"] >= 3.0 and "AP" in rows[-1]
 
 
 def test_mixed_precision_trains(data, tmp_path):

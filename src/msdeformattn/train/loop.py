@@ -379,6 +379,8 @@ def train(
             progress=f"epoch {epoch}" if progress and main_process else None,
         )
         elapsed += stats["seconds"]
+        # The epoch's time is in ``elapsed`` now: the clock restarts from here.
+        epoch_start[0] = time.perf_counter()
         done = out_of_time() or epoch + 1 == cfg.epochs
         if not main_process:
             if done:

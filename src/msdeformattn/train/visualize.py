@@ -25,6 +25,28 @@ def _to_rgb(image: torch.Tensor) -> torch.Tensor:
     return (image.cpu() * std + mean).clamp(0, 1).permute(1, 2, 0).numpy()
 
 
+def _boxes(ax, result: dict, class_names, threshold: float, style: tuple) -> None:
+    """Draw ``result``'s boxes above ``threshold``; style: (box colour, label background,
+    font size)."""
+    edge, label_bg, size = style
+    text = "white" if label_bg == "black" else "black"
+    for score, label, (x0, y0, x1, y1) in zip(
+        result["scores"].tolist(), result["labels"].tolist(), result["boxes"].tolist(), strict=True
+    ):
+        if score < threshold:
+            continue
+        ax.add_patch(plt.Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, color=edge, lw=1.5))
+        name = class_names[label] if class_names else str(int(label))
+        ax.text(
+            x0,
+            y0,
+            f"{name} {score:.2f}",
+            color=text,
+            fontsize=size,
+            bbox={"facecolor": label_bg, "alpha": 0.6, "pad": 1},
+        )
+
+
 @torch.no_grad()
 def draw_detections(
     model,
@@ -47,23 +69,7 @@ def draw_detections(
     for ax, image, res in zip(axes[0], images, results, strict=True):
         ax.imshow(_to_rgb(image))
         ax.axis("off")
-        for score, label, (x0, y0, x1, y1) in zip(
-            res["scores"].tolist(), res["labels"].tolist(), res["boxes"].tolist(), strict=True
-        ):
-            if score < threshold:
-                continue
-            ax.add_patch(
-                plt.Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, color="white", linewidth=1.5)
-            )
-            name = class_names[label] if class_names else str(int(label))
-            ax.text(
-                x0,
-                y0,
-                f"{name} {score:.2f}",
-                color="white",
-                fontsize=7,
-                bbox={"facecolor": "black", "alpha": 0.5, "pad": 1},
-            )
+        _boxes(ax, res, class_names, threshold, ("white", "black", 7))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -129,21 +135,7 @@ def draw_boxes(
     fig, ax = plt.subplots(figsize=(6, 6 * H / W))
     ax.imshow(rgb)
     ax.axis("off")
-    for score, label, (x0, y0, x1, y1) in zip(
-        result["scores"].tolist(), result["labels"].tolist(), result["boxes"].tolist(), strict=True
-    ):
-        if score < threshold:
-            continue
-        ax.add_patch(plt.Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, color="yellow", lw=2))
-        name = class_names[label] if class_names else str(int(label))
-        ax.text(
-            x0,
-            y0,
-            f"{name} {score:.2f}",
-            color="black",
-            fontsize=9,
-            bbox={"facecolor": "yellow", "alpha": 0.7, "pad": 1},
-        )
+    _boxes(ax, result, class_names, threshold, ("yellow", "yellow", 9))
     fig.tight_layout(pad=0)
     fig.savefig(path, dpi=100)
     plt.close(fig)
