@@ -85,14 +85,19 @@ def train_one_epoch(
             loss.backward()
         if clip_max_norm > 0:
             nn.utils.clip_grad_norm_(model.parameters(), clip_max_norm)
+        stepped = True
         if scaler is not None:
+            scale = scaler.get_scale()
             scaler.step(optimizer)
             scaler.update()
+            # The scaler skips steps whose gradients overflowed (and lowers its scale):
+            # then neither the schedule nor the average moves either.
+            stepped = scaler.get_scale() >= scale
         else:
             optimizer.step()
-        if scheduler is not None:
+        if stepped and scheduler is not None:
             scheduler.step()
-        if ema is not None:
+        if stepped and ema is not None:
             ema.update_parameters(ema_source if ema_source is not None else model)
         total = loss.detach() if total is None else total + loss.detach()
         steps += 1
