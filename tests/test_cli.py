@@ -183,7 +183,7 @@ def test_user_mistakes_are_one_line_and_exit_2(tmp_path, capsys, args, message):
         main(argv)
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert re.search(message, err[-1]), err
+    assert len(err) == 1 and re.search(message, err[0]), err
     assert not any("Traceback" in line for line in err)
     assert not (tmp_path / "run" / "last.pt").exists()
 

@@ -7,6 +7,7 @@ import dataclasses
 import json
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 import torch
 
@@ -28,6 +29,13 @@ def _positive(kind):
 
     parse.__name__ = f"positive {kind.__name__}"
     return parse
+
+
+class _Parser(argparse.ArgumentParser):
+    """Flag mistakes in one line (the usage is one ``--help`` away), exit status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
 def _device_flag(parser: argparse.ArgumentParser) -> None:
@@ -85,13 +93,12 @@ def _train(args: argparse.Namespace) -> None:
     from .models import DeformableDETR
     from .models.convert import load_backbone_weights
     from .train.config import PRESETS
-    from .train.data import CocoDetection
-    from .train.loop import train
+    from .train.loop import train, val_dataset
 
     data = Path(args.data)
     _require(data / "annotations/instances_val.json", "--data")
     _require(data / "annotations/instances_train.json", "--data")
-    num_classes = CocoDetection(data / "val", data / "annotations/instances_val.json").num_classes
+    num_classes = val_dataset(data).num_classes
     model = None
     if args.resume:
         model_config, cfg = None, _resumed_config(args)
@@ -150,7 +157,8 @@ _RUN_FLAGS = {
 
 def _resumed_config(args: argparse.Namespace):
     """The saved run's TrainConfig with the new --epochs/--minutes (both totals)."""
-    from .train.config import TrainConfig, from_dict
+    from .models.config import config_from_dict
+    from .train.config import TrainConfig
 
     given = [flag for name, flag in _RUN_FLAGS.items() if getattr(args, name) not in (None, False)]
     if given:
@@ -161,8 +169,9 @@ def _resumed_config(args: argparse.Namespace):
     path = Path(args.output) / "last.pt"
     if not path.exists():
         raise UsageError(f"--resume: {path} does not exist, nothing to resume")
-    saved = torch.load(path, map_location="cpu", weights_only=True)
-    base = from_dict(TrainConfig, saved["train_config"])
+    # Memory-mapped: train() reads the whole checkpoint again; here only a few entries count.
+    saved = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    base = config_from_dict(saved["train_config"], TrainConfig)
     cfg = dataclasses.replace(
         base,
         epochs=args.epochs or base.epochs,
@@ -230,13 +239,10 @@ def _category_ids(config, extra: dict, dataset) -> list[int]:
 
 
 def _val_set(data: Path, cfg):
-    from .train.data import CocoDetection
-    from .train.loop import eval_transforms
+    from .train.loop import val_dataset
 
     _require(data / "annotations/instances_val.json", "--data")
-    return CocoDetection(
-        data / "val", data / "annotations/instances_val.json", eval_transforms(cfg)
-    )
+    return val_dataset(data, cfg)
 
 
 def _evaluate(args: argparse.Namespace) -> None:
@@ -384,7 +390,7 @@ def _compare(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="msdeformattn", description=__doc__)
+    parser = _Parser(prog="msdeformattn", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser(
         "bench", help="benchmark the operator (python -m msdeformattn.bench --help)", add_help=False
@@ -515,7 +521,8 @@ def main(argv: list[str] | None = None) -> None:
         commands[args.command](args)
     except (UsageError, FileNotFoundError) as e:
         # A user's mistake: one line naming what is wrong, exit status 2.
-        parser.exit(2, f"msdeformattn {args.command}: error: {e}\n")
+        message = "; ".join(line.strip() for line in str(e).splitlines() if line.strip())
+        parser.exit(2, f"msdeformattn {args.command}: error: {message}\n")
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from .config import DeformableDETRConfig, config_from_dict
-from .convert import load_reference_checkpoint
+from .convert import load_reference_checkpoint, read_weights_file
 from .deformable_detr import DeformableDETR, build_model
 
 __all__ = ["load_checkpoint", "save_checkpoint"]
@@ -23,8 +23,8 @@ def save_checkpoint(
 
 def load_checkpoint(path: str | Path) -> tuple[DeformableDETR, DeformableDETRConfig, dict]:
     """The detector of a checkpoint (in eval mode), its config, and the other entries."""
-    data = torch.load(path, map_location="cpu", weights_only=True)
-    if "config" not in data or "model" not in data:
+    data = read_weights_file(Path(path), "an msdeformattn checkpoint")
+    if not isinstance(data, dict) or "config" not in data or "model" not in data:
         raise ValueError(f"{path} is not an msdeformattn checkpoint (needs 'config' and 'model')")
     config = config_from_dict(data.pop("config"))
     model = build_model(config)

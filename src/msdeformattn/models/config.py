@@ -83,12 +83,12 @@ class DeformableDETRConfig:
         return replace(base, **overrides)
 
 
-def config_from_dict(raw: Mapping[str, Any]) -> DeformableDETRConfig:
-    """The config of ``dataclasses.asdict(config)`` as a checkpoint stores it (tuples as lists).
+def config_from_dict(raw: Mapping[str, Any], cls: type | None = None) -> Any:
+    """The config of ``dataclasses.asdict(config)`` as a checkpoint stores it (tuples as lists);
+    ``cls``: the config dataclass (default DeformableDETRConfig; also TrainConfig).
 
     Entries that are not fields (from another version of the package) are left out.
     """
-    fields = {f.name for f in dataclasses.fields(DeformableDETRConfig)}
-    return DeformableDETRConfig(
-        **{k: tuple(v) if isinstance(v, list) else v for k, v in raw.items() if k in fields}
-    )
+    cls = cls or DeformableDETRConfig
+    fields = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in raw.items() if k in fields})

@@ -162,7 +162,7 @@ def load_backbone_weights(
     """
     what = "a ResNet state dict (expected name -> tensor)"
     name = "the given state dict" if isinstance(weights, Mapping) else str(weights)
-    state = weights if isinstance(weights, Mapping) else _torch_load(_existing(weights), what)
+    state = weights if isinstance(weights, Mapping) else read_weights_file(_existing(weights), what)
     if not _is_state(state):
         raise ValueError(f"{name} is not {what}")
     return _load(
@@ -512,14 +512,17 @@ def _existing(path: str | Path) -> Path:
     return path
 
 
-def _torch_load(path: Path, what: str = f"a Deformable DETR checkpoint ({_EXPECTED})") -> Any:
+def read_weights_file(path: Path, what: str = f"a Deformable DETR checkpoint ({_EXPECTED})") -> Any:
+    """``torch.load`` of weights on the CPU; a file that is not one is a ValueError naming it."""
     # weights_only, plus the one class the reference pickles next to its weights
     # (its argparse Namespace of hyper-parameters): no code from the file runs.
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, KeyError, ValueError) as e:
-        raise ValueError(f"{path} is not {what}: {e}") from e
+        # torch's own text is pages long; its first line says what failed.
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"{path} is not {what}: {first}") from e
 
 
 def _as_config(config: Any) -> DeformableDETRConfig:
@@ -585,7 +588,7 @@ def _from_folder(path: Path, config: Any) -> Pretrained:
 
         hf_state = load_file(weights[0])
     else:
-        hf_state = _torch_load(weights[0])
+        hf_state = read_weights_file(weights[0])
     return _from_transformers_state(hf_state, config, str(path))
 
 
@@ -619,7 +622,7 @@ def read_pretrained(
 
             read = _from_transformers_state(load_file(path), config, str(path))
         else:
-            data = _torch_load(path)
+            data = read_weights_file(path)
             if not isinstance(data, Mapping):
                 raise ValueError(f"{path} is not a Deformable DETR checkpoint ({_EXPECTED})")
             read = _from_mapping(data, config, str(path), overrides)

@@ -13,7 +13,7 @@ from typing import Any
 from ..models.deformable_detr import DeformableDETRConfig
 from ..util.errors import UsageError
 
-__all__ = ["PRESETS", "Preset", "TrainConfig", "from_dict", "load_json_config"]
+__all__ = ["PRESETS", "Preset", "TrainConfig", "load_json_config"]
 
 
 @dataclass(frozen=True)
@@ -168,12 +168,3 @@ def load_json_config(cls: type, path: str | Path, base: Any, **overrides) -> Any
         )
     values = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
     return replace(base, **values, **{k: v for k, v in overrides.items() if v is not None})
-
-
-def from_dict(cls: type, values: dict) -> Any:
-    """A config dataclass from a saved dict (lists back to tuples; unknown keys ignored, so
-    checkpoints written by older versions still load)."""
-    fields = {f.name for f in dataclasses.fields(cls)}
-    return cls(
-        **{k: tuple(v) if isinstance(v, list) else v for k, v in values.items() if k in fields}
-    )

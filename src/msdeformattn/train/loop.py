@@ -18,10 +18,11 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from ..models.config import config_from_dict
 from ..models.deformable_detr import DeformableDETR, DeformableDETRConfig
 from ..util.errors import UsageError
 from .build import build
-from .config import PRESETS, TrainConfig, from_dict
+from .config import PRESETS, TrainConfig
 from .data import (
     CocoDetection,
     collate,
@@ -181,6 +182,13 @@ def eval_transforms(cfg: TrainConfig):
     return simple_eval_transforms(cfg.image_size)
 
 
+def val_dataset(data: Path, cfg: TrainConfig | None = None) -> CocoDetection:
+    """The validation split of a COCO-format folder, with ``cfg``'s evaluation transforms
+    (none without ``cfg``: for its categories only)."""
+    transforms = None if cfg is None else eval_transforms(cfg)
+    return CocoDetection(data / "val", data / "annotations/instances_val.json", transforms)
+
+
 def build_loaders(data: Path, cfg: TrainConfig, rank: int = 0, world: int = 1):
     """(train set, val set, train loader, val loader) of a COCO-format folder."""
     if cfg.augmentation == "detr":
@@ -190,9 +198,7 @@ def build_loaders(data: Path, cfg: TrainConfig, rank: int = 0, world: int = 1):
     train_set = CocoDetection(
         data / "train", data / "annotations/instances_train.json", train_tf, seed=cfg.seed
     )
-    val_set = CocoDetection(
-        data / "val", data / "annotations/instances_val.json", eval_transforms(cfg)
-    )
+    val_set = val_dataset(data, cfg)
     if train_set.category_ids != val_set.category_ids:
         raise UsageError(
             f"--data: train categories {train_set.category_ids} differ from val categories "
@@ -273,8 +279,8 @@ def train(
     if resume:
         # The run continues as it was configured; only the length may change.
         ckpt = torch.load(output / "last.pt", map_location="cpu", weights_only=True)
-        model_config = from_dict(DeformableDETRConfig, ckpt["config"])
-        saved = from_dict(TrainConfig, ckpt["train_config"])
+        model_config = config_from_dict(ckpt["config"])
+        saved = config_from_dict(ckpt["train_config"], TrainConfig)
         cfg = saved if cfg is None else replace(saved, epochs=cfg.epochs, minutes=cfg.minutes)
     cfg = cfg or PRESETS["tiny"].train
     seed_everything(cfg.seed)
