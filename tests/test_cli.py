@@ -157,6 +157,29 @@ def test_train_evaluate_visualize_predict(tmp_path, capsys):
             ["train", "--data", "{data}", "-o", "{tmp}/run", "--model-config", "{tmp}/two.json"],
             "two_stage needs with_box_refine",
         ),
+        (
+            ["train", "--data", "{data}", "-o", "{tmp}/run", "--epochs", "0"],
+            "--epochs: .*must be > 0",
+        ),
+        (["train", "--data", "{data}", "-o", "{tmp}/run", "--lr", "0"], "--lr: .*must be > 0"),
+        (
+            ["train", "--data", "{tmp}/badjson", "-o", "{tmp}/run"],
+            "malformed JSON .*instances_val.json:1:2",
+        ),
+        (
+            ["train", "--data", "{data}", "-o", "{tmp}/old"],
+            "--output .*old already holds a run \\(last.pt\\)",
+        ),
+        (["evaluate", "{tmp}/corrupt.pt", "--data", "{data}"], "checkpoint: .*corrupt.pt"),
+        (
+            ["evaluate", "{tmp}/foreign.pt", "--data", "{data}"],
+            "checkpoint: .*not an msdeformattn checkpoint",
+        ),
+        (
+            ["evaluate", "{tmp}/three.pt", "--data", "{data}"],
+            "the checkpoint has 3 classes, the dataset 4 categories",
+        ),
+        (["predict", "{tmp}/three.pt", "{tmp}/bad.json", "-o", "{tmp}/p"], "bad.json is not"),
     ],
     ids=[
         "data",
@@ -168,6 +191,14 @@ def test_train_evaluate_visualize_predict(tmp_path, capsys):
         "checkpoint",
         "resume-flags",
         "two-stage",
+        "epochs",
+        "lr",
+        "annotation-json",
+        "output-holds-a-run",
+        "corrupt-checkpoint",
+        "foreign-checkpoint",
+        "class-count",
+        "image",
     ],
 )
 def test_user_mistakes_are_one_line_and_exit_2(tmp_path, capsys, args, message):
@@ -178,6 +209,16 @@ def test_user_mistakes_are_one_line_and_exit_2(tmp_path, capsys, args, message):
     data = generate(tmp_path / "data", num_train=2, num_val=1, seed=0)
     (tmp_path / "bad.json").write_text('{"learning_rate": 1}')
     (tmp_path / "two.json").write_text('{"two_stage": true}')
+    (tmp_path / "corrupt.pt").write_bytes(b"PK\x03\x04 truncated")
+    torch.save({"state_dict": {}}, tmp_path / "foreign.pt")
+    save_checkpoint(tmp_path / "three.pt", build_model(DeformableDETRConfig.tiny(3)),
+                    DeformableDETRConfig.tiny(3))  # fmt: skip
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "last.pt").write_bytes(b"an earlier run")
+    import shutil
+
+    shutil.copytree(data, tmp_path / "badjson")
+    (tmp_path / "badjson/annotations/instances_val.json").write_text("{,}")
     argv = [a.format(tmp=tmp_path, data=data) for a in args]
     with pytest.raises(SystemExit) as exit_info:
         main(argv)
@@ -186,6 +227,7 @@ def test_user_mistakes_are_one_line_and_exit_2(tmp_path, capsys, args, message):
     assert len(err) == 1 and re.search(message, err[0]), err
     assert not any("Traceback" in line for line in err)
     assert not (tmp_path / "run" / "last.pt").exists()
+    assert (tmp_path / "old" / "last.pt").read_bytes() == b"an earlier run"
 
 
 def test_demo_end_to_end_on_a_small_budget_and_a_rerun_keeps_the_first(tmp_path, capsys):
@@ -275,3 +317,96 @@ def test_resume_of_a_run_that_used_its_budget_asks_for_more(tmp_path, capsys):
     assert exit_info.value.code == 2
     assert "used its budget" in capsys.readouterr().err
     assert (run / "last.pt").read_bytes() == before
+
+
+def test_check_data_prints_a_table_and_exits_by_what_it_found(tmp_path, capsys):
+    from tests.train.test_check import real_like
+
+    data = real_like(tmp_path / "data")
+    main(["check-data", str(data)])  # usable: returns, exit status 0
+    table = capsys.readouterr().out
+    assert "repaired  box clipped to its image" in table and "FATAL" not in table
+    (data / "val" / "b.jpg").unlink()
+    with pytest.raises(SystemExit) as exit_info:
+        main(["check-data", str(data)])
+    assert exit_info.value.code == 1
+    assert "FATAL     missing image" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exit_info:
+        main(["check-data", str(tmp_path / "nowhere")])
+    assert exit_info.value.code == 2
+
+
+def test_train_on_real_like_data_repairs_refuses_a_rerun_and_overwrites(tmp_path, capsys):
+    import json
+    import shutil
+
+    from tests.train.test_check import real_like
+
+    data = real_like(tmp_path / "data")
+    run = tmp_path / "run"
+    argv = ["train", "--data", str(data), "-o", str(run), "--epochs", "1", "--batch-size", "8",
+            "--image-size", "64", "--device", "cpu"]  # fmt: skip
+    with pytest.warns(UserWarning, match="fewer than --batch-size 8: batches of 5"):
+        main(argv)
+    err = capsys.readouterr().err
+    assert "repaired in" in err and "train: 1 x box clipped to its image" in err
+    log = (run / "log.jsonl").read_text()
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    assert "pass --resume to continue it, --overwrite to replace it" in capsys.readouterr().err
+    assert (run / "log.jsonl").read_text() == log
+    with pytest.warns(UserWarning, match="batches of 5"):
+        main([*argv, "--overwrite"])
+    capsys.readouterr()
+    assert len((run / "log.jsonl").read_text().splitlines()) == 1  # replaced, not appended
+    # Categories 1, 3, 7 and the cleaned ground truth: evaluation runs and is consistent.
+    main(["evaluate", str(run / "last.pt"), "--data", str(data)])
+    printed = capsys.readouterr().out
+    assert json.loads(printed[printed.index("{") :]) == json.loads(
+        (run / "metrics.json").read_text()
+    )
+    # COCO results: a COCO-style file name gives its number as image_id, boxes in pixels.
+    shutil.copy(data / "val" / "a.jpg", tmp_path / "000000000042.jpg")
+    main(["predict", str(run / "last.pt"), str(tmp_path / "000000000042.jpg"),
+          str(data / "val" / "b.jpg"), "-o", str(tmp_path / "pred"), "--threshold", "0"])  # fmt: skip
+    found = json.loads((tmp_path / "pred" / "detections.json").read_text())
+    assert {d["image_id"] for d in found} == {42, 2}
+    assert {d["category_id"] for d in found} <= {1, 3, 7}
+    for d in found:
+        x, y, w, h = d["bbox"]
+        limit = (64, 48) if d["image_id"] == 42 else (40, 72)
+        assert x >= -0.01 and x + w <= limit[0] + 0.01 and y + h <= limit[1] + 0.01
+
+
+def test_training_refuses_fatal_data_naming_the_file(tmp_path, capsys):
+    from tests.train.test_check import real_like
+
+    data = real_like(tmp_path / "data")
+    (data / "train" / "b.jpg").write_bytes(b"not a jpeg")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--data", str(data), "-o", str(tmp_path / "run")])
+    assert exit_info.value.code == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert "train: unreadable image (train/b.jpg: not an image" in line
+    assert not (tmp_path / "run").exists()
+
+
+def test_debug_variable_shows_the_traceback_of_a_user_error(tmp_path, monkeypatch):
+    from msdeformattn.util.errors import UsageError
+
+    monkeypatch.setenv("MSDEFORMATTN_DEBUG", "1")
+    with pytest.raises(UsageError, match="does not exist"):
+        main(["check-data", str(tmp_path / "nowhere")])
+
+
+def test_an_error_from_a_loader_worker_is_its_last_line():
+    from msdeformattn.cli import _one_line
+    from msdeformattn.util.errors import UsageError
+
+    error = UsageError(
+        "Caught UsageError in DataLoader worker process 0.\nOriginal Traceback (most recent "
+        'call last):\n  File "x.py", line 1\nmsdeformattn.util.errors.UsageError: '
+        "data/train/a.jpg: not a readable image (truncated)\n"
+    )
+    assert _one_line(error) == "data/train/a.jpg: not a readable image (truncated)"

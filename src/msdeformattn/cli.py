@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 from pathlib import Path
 from typing import NoReturn
@@ -93,12 +94,13 @@ def _train(args: argparse.Namespace) -> None:
     from .models import DeformableDETR
     from .models.convert import load_backbone_weights
     from .train.config import PRESETS
-    from .train.loop import train, val_dataset
+    from .train.loop import checked_dataset, train
 
     data = Path(args.data)
-    _require(data / "annotations/instances_val.json", "--data")
-    _require(data / "annotations/instances_train.json", "--data")
-    num_classes = val_dataset(data).num_classes
+    if args.overwrite and args.resume:
+        raise UsageError("--resume continues a run, --overwrite replaces it: pass one")
+    checked = checked_dataset(data)
+    num_classes = len(checked.cleaned["val"]["categories"])
     model = None
     if args.resume:
         model_config, cfg = None, _resumed_config(args)
@@ -140,6 +142,8 @@ def _train(args: argparse.Namespace) -> None:
         resume=args.resume,
         device=args.device,
         model=model,
+        overwrite=args.overwrite,
+        data_report=checked,
     )
     print(json.dumps(metrics, indent=1))
 
@@ -239,10 +243,20 @@ def _category_ids(config, extra: dict, dataset) -> list[int]:
 
 
 def _val_set(data: Path, cfg):
-    from .train.loop import val_dataset
+    """The checked validation split: what training repairs, evaluation scores repaired."""
+    from .train.loop import checked_dataset, val_dataset
 
-    _require(data / "annotations/instances_val.json", "--data")
-    return val_dataset(data, cfg)
+    report = checked_dataset(data, ("val",))
+    return val_dataset(data, cfg, report.cleaned["val"])
+
+
+def _check_data(args: argparse.Namespace) -> None:
+    from .train.check import check_dataset
+
+    report = check_dataset(args.data, workers=args.workers)
+    print(report.table())
+    if report.fatal:
+        sys.exit(1)
 
 
 def _evaluate(args: argparse.Namespace) -> None:
@@ -300,7 +314,7 @@ def _predict(args: argparse.Namespace) -> None:
     output = Path(args.output)
     output.mkdir(parents=True, exist_ok=True)
     found, written = [], set()
-    for name in args.images:
+    for position, name in enumerate(args.images, 1):
         _require(Path(name), "images")
         try:
             rgb = np.asarray(Image.open(name).convert("RGB"))
@@ -314,6 +328,12 @@ def _predict(args: argparse.Namespace) -> None:
         # Boxes in the original image's pixels.
         (result,) = post_process(out, torch.tensor([rgb.shape[:2]], device=device))
         result = {k: v.cpu() for k, v in result.items()}
+        # Inside the picture, as torchvision's detectors report them (evaluation, as the
+        # reference, scores the boxes unclipped).
+        H, W = rgb.shape[:2]
+        result["boxes"] = result["boxes"].clamp(min=0)
+        result["boxes"][:, 0::2] = result["boxes"][:, 0::2].clamp(max=W)
+        result["boxes"][:, 1::2] = result["boxes"][:, 1::2].clamp(max=H)
         # Two inputs with the same name (from different folders) get two pictures.
         path, k = output / f"{Path(name).stem}_detections.png", 1
         while path in written:
@@ -330,7 +350,8 @@ def _predict(args: argparse.Namespace) -> None:
             if score >= args.threshold:
                 found.append(
                     {
-                        "file": str(name),
+                        "image_id": _image_id(name, position),
+                        "file_name": str(name),
                         "category_id": ids[label],
                         "category_name": names[label],
                         "score": round(score, 4),
@@ -340,6 +361,13 @@ def _predict(args: argparse.Namespace) -> None:
         print(f"wrote {path}")
     (output / "detections.json").write_text(json.dumps(found, indent=1))
     print(f"wrote {output / 'detections.json'} ({len(found)} boxes above {args.threshold})")
+
+
+def _image_id(name: str, position: int) -> int:
+    """COCO's image id of a file named like COCO's own (``000000397133.jpg``), else its
+    position on the command line."""
+    stem = Path(name).stem
+    return int(stem) if stem.isdigit() else position
 
 
 def _demo(args: argparse.Namespace) -> None:
@@ -466,6 +494,11 @@ def main(argv: list[str] | None = None) -> None:
     train_p.add_argument(
         "--resume", action="store_true", help="continue OUTPUT/last.pt exactly where it stopped"
     )
+    train_p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the run already in OUTPUT (its checkpoints, log and metrics)",
+    )
     eval_p = sub.add_parser("evaluate", help="COCO metrics of a checkpoint")
     eval_p.add_argument("checkpoint")
     eval_p.add_argument("--data", required=True)
@@ -480,7 +513,13 @@ def main(argv: list[str] | None = None) -> None:
     vis_p.add_argument("--threshold", type=float, default=0.3)
     _device_flag(vis_p)
     pred_p = sub.add_parser(
-        "predict", help="detections of a checkpoint on images (PNG pictures and detections.json)"
+        "predict",
+        help="detections of a checkpoint on images (PNG pictures and detections.json)",
+        description="Detect objects in images. Writes NAME_detections.png (the original image "
+        "with boxes and class names) per image and detections.json: COCO results (image_id: "
+        "the file name's number for COCO-style names like 000000397133.jpg, else the image's "
+        "position among IMAGES, from 1; category_id of the dataset; bbox [x, y, w, h] in the "
+        "original image's pixels; score) plus file_name and category_name.",
     )
     pred_p.add_argument("checkpoint")
     pred_p.add_argument("images", nargs="+")
@@ -497,6 +536,17 @@ def main(argv: list[str] | None = None) -> None:
     demo_p.add_argument("--train-images", type=_positive(int), default=2000)
     demo_p.add_argument("--val-images", type=_positive(int), default=200)
     _device_flag(demo_p)
+    check_p = sub.add_parser(
+        "check-data",
+        help="check a COCO-format folder: every annotation file and image (exit 1 on fatal "
+        "problems)",
+        description="Read annotations/instances_{train,val}.json, open every image and list "
+        "what is wrong in one table. FATAL problems stop `train`; repaired ones (boxes "
+        "clipped or dropped, missing areas, image sizes) are fixed as train and evaluate read "
+        "the data. Exit status 0: usable, 1: fatal problems, 2: the folder is not there.",
+    )
+    check_p.add_argument("data", help="folder with train/, val/, annotations/")
+    check_p.add_argument("--workers", type=_positive(int), help="threads opening images")
     cmp_p = sub.add_parser("compare", help="deformable vs dense attention, same budget, one plot")
     cmp_p.add_argument("--output", "-o", required=True)
     cmp_p.add_argument("--minutes", type=float, default=10.0, help="per model")
@@ -516,13 +566,24 @@ def main(argv: list[str] | None = None) -> None:
         "predict": _predict,
         "demo": _demo,
         "compare": _compare,
+        "check-data": _check_data,
     }
     try:
         commands[args.command](args)
     except (UsageError, FileNotFoundError) as e:
+        if os.environ.get("MSDEFORMATTN_DEBUG"):
+            raise
         # A user's mistake: one line naming what is wrong, exit status 2.
-        message = "; ".join(line.strip() for line in str(e).splitlines() if line.strip())
-        parser.exit(2, f"msdeformattn {args.command}: error: {message}\n")
+        parser.exit(2, f"msdeformattn {args.command}: error: {_one_line(e)}\n")
+
+
+def _one_line(error: Exception) -> str:
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    if any(line.startswith("Original Traceback") for line in lines):
+        # Raised in a DataLoader worker: its message is the worker's traceback, whose
+        # last line is "module.ErrorType: message".
+        return lines[-1].split(": ", 1)[-1]
+    return "; ".join(lines)
 
 
 if __name__ == "__main__":

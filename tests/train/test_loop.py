@@ -103,9 +103,20 @@ def test_a_run_folder_is_never_overwritten(data, tmp_path):
     assert (out / "last.pt").read_bytes() == before
 
 
-def test_a_training_set_smaller_than_one_batch_is_refused(data, tmp_path):
-    with pytest.raises(UsageError, match="fewer than one batch"):
-        loop.train(data, tmp_path / "run", cfg=replace(TINY, batch_size=16), progress=False)
+def test_a_training_set_smaller_than_one_batch_trains_on_batches_of_the_set(data, tmp_path):
+    cfg = replace(TINY, batch_size=16, epochs=1)
+    with pytest.warns(UserWarning, match="8 images, fewer than --batch-size 16: batches of 8"):
+        loop.train(data, tmp_path / "run", cfg=cfg, progress=False)
+    (record,) = [json.loads(x) for x in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert record["images"] == 8
+
+
+def test_batch_for_clips_to_the_set_in_multiples_of_the_processes():
+    assert loop.batch_for(100, 16) == 16
+    with pytest.warns(UserWarning):
+        assert loop.batch_for(7, 16, world=2) == 6
+    with pytest.raises(UsageError, match="fewer than the 2 processes"):
+        loop.batch_for(1, 16, world=2)
 
 
 def test_wall_clock_budget_stops_training_when_spent(data, tmp_path):
@@ -202,5 +213,5 @@ def test_train_and_val_must_share_their_categories(data, tmp_path):
     for a in coco["annotations"]:
         a["category_id"] = shift[a["category_id"]]
     path.write_text(json.dumps(coco))
-    with pytest.raises(UsageError, match="differ from val categories"):
+    with pytest.raises(UsageError, match="train and val categories differ"):
         loop.train(other, tmp_path / "run", cfg=TINY, progress=False)

@@ -27,6 +27,7 @@ from PIL import Image
 from pycocotools.coco import COCO
 
 from ..util.box_ops import box_xyxy_to_cxcywh
+from ..util.errors import UsageError
 
 __all__ = [
     "CocoDetection",
@@ -73,13 +74,18 @@ class CocoDetection(torch.utils.data.Dataset):
     def __init__(
         self,
         images: str | Path,
-        annotations: str | Path,
+        annotations: str | Path | dict[str, Any],
         transforms: Transform | None = None,
         seed: int = 0,
     ) -> None:
         self.images = Path(images)
         with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints its progress
-            self.coco = COCO(str(annotations))
+            if isinstance(annotations, dict):  # e.g. check_dataset's cleaned annotations
+                self.coco = COCO()
+                self.coco.dataset = annotations
+                self.coco.createIndex()
+            else:
+                self.coco = COCO(str(annotations))
         self.ids = sorted(self.coco.imgs)
         self.category_ids = sorted(self.coco.cats)
         self.label_of = {c: i for i, c in enumerate(self.category_ids)}
@@ -105,7 +111,12 @@ class CocoDetection(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, Target]:
         image_id = self.ids[index]
         info = self.coco.imgs[image_id]
-        image = Image.open(self.images / info["file_name"]).convert("RGB")
+        path = self.images / info["file_name"]
+        try:
+            image = Image.open(path).convert("RGB")
+        except (OSError, Image.DecompressionBombError) as e:
+            # Named, since a DataLoader worker's traceback does not show which file it was.
+            raise UsageError(f"{path}: not a readable image ({e})") from None
         anns = [a for a in self.coco.imgToAnns[image_id] if not a.get("iscrowd", 0)]
         W, H = image.size
         boxes = torch.tensor([a["bbox"] for a in anns], dtype=torch.float32).view(-1, 4)

@@ -8,6 +8,7 @@ import datetime
 import json
 import os
 import random
+import sys
 import time
 import warnings
 from dataclasses import replace
@@ -22,6 +23,7 @@ from ..models.config import config_from_dict
 from ..models.deformable_detr import DeformableDETR, DeformableDETRConfig
 from ..util.errors import UsageError
 from .build import build
+from .check import DataReport, annotation_file, check_dataset
 from .config import PRESETS, TrainConfig
 from .data import (
     CocoDetection,
@@ -38,7 +40,9 @@ from .schedule import build_scheduler, ema_model
 __all__ = [
     "GlobalBatchSampler",
     "TrainConfig",
+    "batch_for",
     "build_loaders",
+    "checked_dataset",
     "eval_transforms",
     "resolve_device",
     "seed_everything",
@@ -182,34 +186,78 @@ def eval_transforms(cfg: TrainConfig):
     return simple_eval_transforms(cfg.image_size)
 
 
-def val_dataset(data: Path, cfg: TrainConfig | None = None) -> CocoDetection:
+def val_dataset(
+    data: Path, cfg: TrainConfig | None = None, annotations: dict | None = None
+) -> CocoDetection:
     """The validation split of a COCO-format folder, with ``cfg``'s evaluation transforms
-    (none without ``cfg``: for its categories only)."""
+    (none without ``cfg``: for its categories only). annotations: the cleaned COCO dict
+    of :func:`check_dataset` (default: the JSON file as it is)."""
     transforms = None if cfg is None else eval_transforms(cfg)
-    return CocoDetection(data / "val", data / "annotations/instances_val.json", transforms)
+    return CocoDetection(data / "val", annotations or annotation_file(data, "val"), transforms)
 
 
-def build_loaders(data: Path, cfg: TrainConfig, rank: int = 0, world: int = 1):
-    """(train set, val set, train loader, val loader) of a COCO-format folder."""
+def checked_dataset(
+    data: Path, splits: tuple[str, ...] = ("train", "val"), *, verbose: bool = True
+) -> DataReport:
+    """:func:`check_dataset`, refusing fatal problems and saying what it repaired."""
+    report = check_dataset(data, splits)
+    report.raise_if_fatal()
+    if report.repaired and verbose:
+        # On stderr: stdout carries results (evaluate's JSON) that users pipe elsewhere.
+        print(f"repaired in {data}: {report.summary()}", file=sys.stderr, flush=True)
+    return report
+
+
+def batch_for(size: int, batch_size: int, world: int = 1) -> int:
+    """The global batch for a training set of ``size`` images: ``batch_size``, clipped
+    (with a warning) to the set when the set is smaller, in multiples of ``world``."""
+    if size >= batch_size:
+        return batch_size
+    clipped = size - size % world
+    if clipped == 0:
+        raise UsageError(
+            f"the training set has {size} images, fewer than the {world} processes: "
+            "an epoch would take no step"
+        )
+    warnings.warn(
+        f"the training set has {size} images, fewer than --batch-size {batch_size}: "
+        f"batches of {clipped}",
+        stacklevel=2,
+    )
+    return clipped
+
+
+def build_loaders(
+    data: Path,
+    cfg: TrainConfig,
+    rank: int = 0,
+    world: int = 1,
+    annotations: dict[str, dict] | None = None,
+):
+    """(train set, val set, train loader, val loader) of a COCO-format folder.
+
+    annotations: ``{"train": ..., "val": ...}`` COCO dicts, e.g. :func:`check_dataset`'s
+    cleaned ones (default: the JSON files as they are).
+    """
+    annotations = annotations or {}
     if cfg.augmentation == "detr":
         train_tf = detr_train_transforms(max_size=cfg.max_size, flip=cfg.flip)
     else:
         train_tf = simple_train_transforms(cfg.image_size, flip=cfg.flip)
     train_set = CocoDetection(
-        data / "train", data / "annotations/instances_train.json", train_tf, seed=cfg.seed
+        data / "train",
+        annotations.get("train") or annotation_file(data, "train"),
+        train_tf,
+        seed=cfg.seed,
     )
-    val_set = val_dataset(data, cfg)
+    val_set = val_dataset(data, cfg, annotations.get("val"))
     if train_set.category_ids != val_set.category_ids:
         raise UsageError(
             f"--data: train categories {train_set.category_ids} differ from val categories "
             f"{val_set.category_ids}"
         )
-    if len(train_set) < cfg.batch_size:
-        raise UsageError(
-            f"the training set has {len(train_set)} images, fewer than one batch "
-            f"(--batch-size {cfg.batch_size})"
-        )
-    sampler = GlobalBatchSampler(len(train_set), cfg.batch_size, rank, world, cfg.seed)
+    batch_size = batch_for(len(train_set), cfg.batch_size, world)
+    sampler = GlobalBatchSampler(len(train_set), batch_size, rank, world, cfg.seed)
     workers = {"num_workers": cfg.num_workers, "persistent_workers": cfg.num_workers > 0}
     # Their own generators: creating an iterator then never draws from the global RNG,
     # which a resumed run must find as the interrupted one left it.
@@ -222,7 +270,7 @@ def build_loaders(data: Path, cfg: TrainConfig, rank: int = 0, world: int = 1):
     )
     val_loader = torch.utils.data.DataLoader(
         val_set,
-        batch_size=max(1, cfg.batch_size // world),
+        batch_size=max(1, batch_size // world),
         collate_fn=collate,
         generator=torch.Generator().manual_seed(cfg.seed),
         **workers,
@@ -237,15 +285,23 @@ def _atomic_save(obj: dict, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def _check_output(output: Path, resume: bool) -> None:
+def _check_output(output: Path, resume: bool, overwrite: bool) -> None:
     present = [name for name in RUN_FILES if (output / name).exists()]
+    if resume and overwrite:
+        raise UsageError("--resume continues a run, --overwrite replaces it: pass one")
     if resume and not (output / "last.pt").exists():
         raise UsageError(f"--resume: {output / 'last.pt'} does not exist, nothing to resume")
-    if not resume and present:
+    if not resume and present and not overwrite:
         raise UsageError(
             f"--output {output} already holds a run ({', '.join(present)}); "
-            "pass --resume to continue it or choose another folder"
+            "pass --resume to continue it, --overwrite to replace it, or choose another folder"
         )
+
+
+def _clear_run(output: Path) -> None:
+    """Remove an earlier run's files (``--overwrite``); nothing else in the folder."""
+    for name in (*RUN_FILES, "curves.png"):
+        (output / name).unlink(missing_ok=True)
 
 
 def train(
@@ -258,6 +314,8 @@ def train(
     progress: bool = True,
     device: str | torch.device | None = None,
     model: DeformableDETR | None = None,
+    overwrite: bool = False,
+    data_report: DataReport | None = None,
 ) -> dict:
     """Train on a COCO-format folder (``train/``, ``val/``, ``annotations/``) into ``output``.
 
@@ -267,13 +325,21 @@ def train(
     epoch), ``best.pt`` (best AP), ``log.jsonl`` (a line per epoch),
     ``metrics.json`` (the final evaluation, of the EMA weights when EMA is on)
     and ``curves.png``. Returns the final metrics.
+
+    The data is checked first (:func:`check_dataset`): fatal problems stop the run
+    before it starts, repairs are reported and trained on. ``output`` must not hold
+    a run unless ``resume`` (continue it) or ``overwrite`` (replace its files).
+    data_report: a check already made (by the command line), not repeated.
     """
     data, output = Path(data), Path(output)
     device = resolve_device(device)
-    _check_output(output, resume)
+    _check_output(output, resume, overwrite)
     rank, world, device = setup_distributed(device)
     main_process = rank == 0
+    report = data_report or checked_dataset(data, verbose=progress and main_process)
     if main_process:
+        if overwrite:
+            _clear_run(output)
         output.mkdir(parents=True, exist_ok=True)
     ckpt = None
     if resume:
@@ -284,7 +350,9 @@ def train(
         cfg = saved if cfg is None else replace(saved, epochs=cfg.epochs, minutes=cfg.minutes)
     cfg = cfg or PRESETS["tiny"].train
     seed_everything(cfg.seed)
-    train_set, val_set, train_loader, val_loader = build_loaders(data, cfg, rank, world)
+    train_set, val_set, train_loader, val_loader = build_loaders(
+        data, cfg, rank, world, report.cleaned
+    )
     if model_config is None:
         model_config = PRESETS["tiny"].model(train_set.num_classes)
     if model_config.num_classes != train_set.num_classes:
