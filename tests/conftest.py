@@ -1,7 +1,9 @@
-"""Shared test helpers: random operator inputs and the tolerances, one place per dtype."""
+"""Shared test helpers: random operator inputs, the tolerances (one place per dtype) and
+``naive``, the scalar-loop oracle of the operator's formula."""
 
 from __future__ import annotations
 
+import math
 import os
 
 import torch
@@ -73,3 +75,29 @@ def grads(fn, inputs, grad_output=None):
         grad_output = torch.randn(out.shape, generator=g, dtype=torch.float64).to(out.dtype)
     gv, gl, ga = torch.autograd.grad(out, (value, loc, attn), grad_output)
     return out.detach(), gv, gl, ga
+
+
+def naive(value, shapes, starts, loc, attn):
+    """out[n, q, m*D + d] = sum_l sum_p A * bilinear(x*W - 0.5, y*H - 0.5), zero outside."""
+    N, _, M, D = value.shape
+    _, Lq, _, L, P, _ = loc.shape
+    out = torch.zeros(N, Lq, M * D, dtype=torch.float64)
+    for n in range(N):
+        for q in range(Lq):
+            for m in range(M):
+                for l in range(L):
+                    H, W = (int(s) for s in shapes[l])
+                    start = int(starts[l])
+                    for p in range(P):
+                        lx, ly = (float(c) for c in loc[n, q, m, l, p])
+                        if not (math.isfinite(lx) and math.isfinite(ly)):
+                            continue
+                        x, y = lx * W - 0.5, ly * H - 0.5
+                        x0, y0 = math.floor(x), math.floor(y)
+                        for yy in (y0, y0 + 1):
+                            for xx in (x0, x0 + 1):
+                                if 0 <= xx < W and 0 <= yy < H:
+                                    w = (1 - abs(x - xx)) * (1 - abs(y - yy))
+                                    row = value[n, start + yy * W + xx, m].double()
+                                    out[n, q, m * D : (m + 1) * D] += attn[n, q, m, l, p] * w * row
+    return out

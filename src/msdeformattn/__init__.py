@@ -7,16 +7,23 @@
 ['cpu', 'reference']
 """
 
+from importlib.metadata import PackageNotFoundError, version
+
 from .nn import MSDeformAttn
 from .ops import (
     BackendNotSupportedError,
     Resolution,
     available_backends,
+    level_start_index,
     ms_deform_attn,
     resolve,
 )
 
-__version__ = "0.1.0"
+try:
+    # One place for the version: pyproject.toml, as installed.
+    __version__ = version("msdeformattn")
+except PackageNotFoundError:  # run from a source tree (PYTHONPATH=src), not installed
+    __version__ = "0+unknown"
 
 __all__ = [
     "BackendNotSupportedError",
@@ -24,6 +31,7 @@ __all__ = [
     "Resolution",
     "__version__",
     "available_backends",
+    "level_start_index",
     "ms_deform_attn",
     "resolve",
 ]

@@ -16,12 +16,12 @@ def tiny(**kw):
     torch.manual_seed(0)
     args = dict(
         d_model=C,
-        nhead=4,
+        n_heads=4,
         num_encoder_layers=2,
         num_decoder_layers=2,
-        dim_feedforward=64,
+        d_ffn=64,
         dropout=0.0,
-        num_feature_levels=len(LEVELS),
+        n_levels=len(LEVELS),
         dec_n_points=2,
         enc_n_points=2,
         two_stage_num_proposals=10,
@@ -73,15 +73,6 @@ def test_encoder_reference_points_are_pixel_centres():
     half = torch.tensor([[[0.5, 1.0], [0.5, 1.0]]])
     ref = DeformableTransformerEncoder.get_reference_points(shapes, half, "cpu")
     torch.testing.assert_close(ref[0, 0, 0], torch.tensor([0.5 / 1.5 * 0.5, 0.25]))
-
-
-def test_valid_ratio():
-    mask = torch.zeros(1, 4, 10, dtype=torch.bool)
-    mask[:, 3:, :] = True
-    mask[:, :, 6:] = True
-    torch.testing.assert_close(
-        DeformableTransformer.get_valid_ratio(mask), torch.tensor([[0.6, 0.75]])
-    )
 
 
 def test_forward_shapes_and_backward():

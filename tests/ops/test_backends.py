@@ -9,45 +9,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import msdeformattn
-from msdeformattn.ops import get_backend
-
-from ..conftest import DEVICES, TOL, grads, make_inputs
-
-
-def split(target: str) -> tuple[str, str]:
-    """A test target "backend" (CPU tensors) or "backend@device"."""
-    backend, _, device = target.partition("@")
-    return backend, device or "cpu"
-
-
-def supports(target: str, dtype: torch.dtype) -> bool:
-    backend, device = split(target)
-    x = torch.zeros(1, dtype=dtype, device=device)
-    return get_backend(backend).supports(x, x, x)
-
-
-# Every backend on every device it can run on here (triton on CPU: its interpreter).
-BACKENDS = [
-    b if device == "cpu" else f"{b}@{device}"
-    for device in DEVICES
-    for b in msdeformattn.available_backends()
-    if supports(f"{b}@{device}", torch.float32)
-]
-FUSED = [b for b in BACKENDS if split(b)[0] != "reference"]
-FLOAT64 = [b for b in BACKENDS if supports(b, torch.float64)]
-INTERPRETED = [b for b in FUSED if b == "triton"]  # "triton@cuda" is compiled
-
-
-def run(target):
-    """The operator on a target's device and backend, taking and returning CPU tensors."""
-    backend, device = split(target)
-
-    def fn(*inputs):
-        inputs = [t.to(device) for t in inputs]
-        return msdeformattn.ms_deform_attn(*inputs, backend=backend).cpu()
-
-    return fn
+from ..conftest import TOL, grads, make_inputs
+from .conftest import BACKENDS, FLOAT64, FUSED, INTERPRETED, non_contiguous, run, split
 
 
 def assert_matches_reference(backend, inputs, dtype=torch.float32, check_loc=True):
@@ -180,7 +143,9 @@ def test_huge_locations_stay_in_bounds(backend):
 @pytest.mark.parametrize(
     "kw",
     [
-        dict(N=1, Lq=100_000, M=1, D=1, levels=((3, 5),), P=1),
+        pytest.param(
+            dict(N=1, Lq=100_000, M=1, D=1, levels=((3, 5),), P=1), marks=pytest.mark.slow
+        ),
         dict(N=64, Lq=3, M=2, D=2, levels=((3, 5), (1, 2)), P=1),
     ],
     ids=["Lq=1e5", "N=64"],
@@ -193,17 +158,11 @@ def test_many_queries_and_a_large_batch(backend, kw):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_non_contiguous_inputs(backend):
-    value, shapes, starts, loc, attn = make_inputs(N=2, Lq=5, M=3, D=4, P=2, dtype=torch.float32)
-    nc = (
-        value.transpose(0, 1).contiguous().transpose(0, 1),
-        shapes,
-        starts,
-        loc.permute(1, 0, 2, 3, 4, 5).contiguous().permute(1, 0, 2, 3, 4, 5),
-        torch.empty(*attn.shape, 2)[..., 0].copy_(attn),
-    )
+    inputs = make_inputs(N=2, Lq=5, M=3, D=4, P=2, dtype=torch.float32)
+    nc = non_contiguous(inputs)
     assert not any(t.is_contiguous() for t in (nc[0], nc[3], nc[4]))
     for e, g in zip(
-        grads(run(backend), (value, shapes, starts, loc, attn)),
+        grads(run(backend), inputs),
         grads(run(backend), nc),
         strict=True,
     ):
@@ -224,6 +183,7 @@ def test_empty_dimensions(backend, empty):
         assert g.shape == t.shape and (g == 0).all()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", FUSED)
 def test_indices_beyond_32_bits(backend):
     """value with N*S*M*D > 2**31 elements: the last pixel is read from the right place.

@@ -9,7 +9,7 @@ import msdeformattn
 from msdeformattn.ops import BackendNotSupportedError, registry
 
 from ..conftest import TOL, grads, make_inputs
-from .test_backends import BACKENDS, split, supports
+from .conftest import BACKENDS, EDGE_CASES, edge_inputs, split, supports
 
 
 def on(target, tensors):
@@ -27,6 +27,17 @@ def test_opcheck(target, dtype):
     torch.library.opcheck(
         torch.ops.msdeformattn.ms_deform_attn.default,
         (value, shapes, starts, loc, attn, split(target)[0]),
+    )
+
+
+@pytest.mark.parametrize("case", EDGE_CASES)
+@pytest.mark.parametrize("target", BACKENDS)
+def test_opcheck_on_edge_inputs(target, case):
+    inputs = on(target, edge_inputs(case))
+    for t in (inputs[0], inputs[3], inputs[4]):
+        t.requires_grad_()
+    torch.library.opcheck(
+        torch.ops.msdeformattn.ms_deform_attn.default, (*inputs, split(target)[0])
     )
 
 

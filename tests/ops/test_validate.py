@@ -110,13 +110,15 @@ def test_bad_input_is_named(index, bad, error, match):
 
 def test_check_values_false_skips_only_the_level_table_check():
     value, shapes, starts, loc, attn = good()
+    wrong = starts.clone()
+    wrong[-1] -= 1  # the last level overlaps the one before, still inside value
     with pytest.raises(ValueError, match="running sum"):
-        call(value, shapes, starts + 1, loc, attn, backend="reference")
-    # Skipped: the reference reads the table as given (here: still in bounds).
-    out = call(
-        value, shapes, starts.flip(0).flip(0), loc, attn, backend="reference", check_values=False
-    )
-    assert out.shape == (2, 5, 6)
+        call(value, shapes, wrong, loc, attn, backend="reference")
+    # Skipped: the reference reads the table as given, so its output moves with it.
+    out = call(value, shapes, wrong, loc, attn, backend="reference", check_values=False)
+    expected = call(value, shapes, starts, loc, attn, backend="reference")
+    assert out.shape == expected.shape == (2, 5, 6)
+    assert not torch.allclose(out, expected)
     with pytest.raises(ValueError, match=r"value must have shape"):
         call(value[0], shapes, starts, loc, attn, check_values=False)
 

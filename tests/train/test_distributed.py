@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from msdeformattn.models import build_model
@@ -15,6 +16,7 @@ from msdeformattn.models.checkpoint import load_checkpoint
 from msdeformattn.train.synthetic import generate
 
 ROOT = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.slow
 
 
 def run(args, nproc):

@@ -125,10 +125,15 @@ def test_criterion_covers_aux_and_encoder_outputs_and_backpropagates():
     config = DeformableDETRConfig.tiny(num_classes=3, with_box_refine=True, two_stage=True)
     criterion = build_criterion(config, TrainConfig(cls_loss_coef=3.0))
     losses = criterion(out, targets)
-    # Final output, one auxiliary output per earlier decoder layer, and the proposals.
-    assert set(losses) == set(criterion.weight_dict)
-    assert {"loss_ce", "loss_bbox_0", "loss_giou_enc"} <= set(losses)
-    expected = sum({"ce": 3, "bbox": 5, "giou": 2}[k.split("_")[1]] * v for k, v in losses.items())
+    # Final output, one auxiliary output per earlier decoder layer (2 layers: one), and the
+    # proposals, each weighted as the final output: classes 3 (as asked), L1 5, GIoU 2.
+    weights = {
+        "loss_ce": 3.0, "loss_bbox": 5.0, "loss_giou": 2.0,
+        "loss_ce_0": 3.0, "loss_bbox_0": 5.0, "loss_giou_0": 2.0,
+        "loss_ce_enc": 3.0, "loss_bbox_enc": 5.0, "loss_giou_enc": 2.0,
+    }  # fmt: skip
+    assert criterion.weight_dict == weights and set(losses) == set(weights)
+    expected = sum(weights[k] * v for k, v in losses.items())
     total = criterion.weighted_sum(losses)
     torch.testing.assert_close(total, expected)
     with pytest.raises(ValueError, match="no weight for loss terms"):

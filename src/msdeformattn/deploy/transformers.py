@@ -18,7 +18,7 @@ import sys
 import torch
 from torch import nn
 
-from ..ops import ms_deform_attn
+from ..ops import level_start_index, ms_deform_attn
 
 __all__ = ["FusedMultiScaleDeformableAttention", "swap_into_transformers"]
 
@@ -62,10 +62,13 @@ def _fused_function(backend: str | None):
     ):
         """transformers' functional form: level shapes as a list (or tensor), no start index."""
         shapes = torch.as_tensor(value_spatial_shapes, dtype=torch.long, device=value.device)
-        areas = shapes.prod(1)
-        starts = torch.cat([areas.new_zeros(1), areas.cumsum(0)[:-1]])
         return ms_deform_attn(
-            value, shapes, starts, sampling_locations, attention_weights, backend=backend
+            value,
+            shapes,
+            level_start_index(shapes),
+            sampling_locations,
+            attention_weights,
+            backend=backend,
         )
 
     multi_scale_deformable_attention.msdeformattn = True

@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..nn.blocks import sine_encoding
+
 __all__ = [
     "Backbone",
     "FrozenBatchNorm2d",
@@ -59,7 +61,7 @@ def _norm(kind: str):
 class BasicBlock(nn.Module):
     expansion = 1
 
-    def __init__(self, inplanes, planes, stride, norm):
+    def __init__(self, inplanes: int, planes: int, stride: int, norm: type[nn.Module]) -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(inplanes, planes, 3, stride, 1, bias=False)
         self.bn1 = norm(planes)
@@ -67,7 +69,7 @@ class BasicBlock(nn.Module):
         self.bn2 = norm(planes)
         self.downsample = _downsample(inplanes, planes * self.expansion, stride, norm)
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         identity = x if self.downsample is None else self.downsample(x)
         out = F.relu(self.bn1(self.conv1(x)))
         return F.relu(self.bn2(self.conv2(out)) + identity)
@@ -78,7 +80,7 @@ class Bottleneck(nn.Module):
 
     expansion = 4
 
-    def __init__(self, inplanes, planes, stride, norm):
+    def __init__(self, inplanes: int, planes: int, stride: int, norm: type[nn.Module]) -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(inplanes, planes, 1, bias=False)
         self.bn1 = norm(planes)
@@ -88,14 +90,14 @@ class Bottleneck(nn.Module):
         self.bn3 = norm(planes * self.expansion)
         self.downsample = _downsample(inplanes, planes * self.expansion, stride, norm)
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         identity = x if self.downsample is None else self.downsample(x)
         out = F.relu(self.bn1(self.conv1(x)))
         out = F.relu(self.bn2(self.conv2(out)))
         return F.relu(self.bn3(self.conv3(out)) + identity)
 
 
-def _downsample(inplanes, outplanes, stride, norm):
+def _downsample(inplanes: int, outplanes: int, stride: int, norm: type[nn.Module]) -> nn.Module:
     if stride == 1 and inplanes == outplanes:
         return None
     return nn.Sequential(nn.Conv2d(inplanes, outplanes, 1, stride, bias=False), norm(outplanes))
@@ -224,12 +226,8 @@ class PositionEmbeddingSine(nn.Module):
             eps = 1e-6
             y_embed = (y_embed - 0.5) / (y_embed[:, -1:, :] + eps) * self.scale
             x_embed = (x_embed - 0.5) / (x_embed[:, :, -1:] + eps) * self.scale
-        dim_t = torch.arange(self.num_pos_feats, dtype=dtype, device=mask.device)
-        dim_t = self.temperature ** (2 * (dim_t // 2) / self.num_pos_feats)
-        pos_x = x_embed[:, :, :, None] / dim_t
-        pos_y = y_embed[:, :, :, None] / dim_t
-        pos_x = torch.stack((pos_x[..., 0::2].sin(), pos_x[..., 1::2].cos()), dim=4).flatten(3)
-        pos_y = torch.stack((pos_y[..., 0::2].sin(), pos_y[..., 1::2].cos()), dim=4).flatten(3)
+        pos_x = sine_encoding(x_embed, self.num_pos_feats, self.temperature)
+        pos_y = sine_encoding(y_embed, self.num_pos_feats, self.temperature)
         return torch.cat((pos_y, pos_x), dim=3).permute(0, 3, 1, 2)
 
 

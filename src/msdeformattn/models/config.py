@@ -59,6 +59,8 @@ class DeformableDETRConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise UsageError(f"{name} must be a positive integer, got {value!r}")
+        if self.two_stage and self.attention == "dense":
+            raise UsageError("two_stage runs on deformable attention only (attention='dense')")
         if self.two_stage and not self.with_box_refine:
             # The reference's two-stage decoder refines the proposals it starts from.
             raise UsageError("two_stage needs with_box_refine (as in the reference)")

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..nn.dense import DenseTransformer
 from ..nn.transformer import DeformableTransformer, inverse_sigmoid
 from ..util.box_ops import box_cxcywh_to_xyxy
 from .backbone import Backbone, Joiner, PositionEmbeddingSine, ResNet, resize_mask, resnet
@@ -64,7 +65,7 @@ class DeformableDETR(nn.Module):
     def __init__(
         self,
         backbone: Joiner,
-        transformer: DeformableTransformer,
+        transformer: DeformableTransformer | DenseTransformer,
         num_classes: int,
         num_queries: int,
         num_feature_levels: int,
@@ -178,6 +179,12 @@ class DeformableDETR(nn.Module):
         )
 
     def forward(self, images: torch.Tensor, mask: torch.Tensor | None = None) -> dict:
+        """images (N, 3, H, W), any H and W; mask (N, H, W), True on padding (None: none).
+
+        Both are first padded on the right and bottom to a multiple of the backbone's
+        largest stride (:func:`pad_to_stride`; the mask marks the new pixels), so every
+        level's size is exact and one exported graph serves every image size.
+        """
         if images.dim() != 4 or images.shape[1] != 3:
             raise ValueError(f"images must have shape (N, 3, H, W), got {tuple(images.shape)}")
         if mask is None:
@@ -189,6 +196,7 @@ class DeformableDETR(nn.Module):
                 f"mask must be a bool tensor of shape {(images.shape[0], *images.shape[2:])} "
                 f"(True on padding), got {mask.dtype} {tuple(mask.shape)}"
             )
+        images, mask = pad_to_stride(images, mask, max(self.backbone.strides))
         features = self.backbone(images, mask)
         srcs, masks, pos = [], [], []
         for lvl, (feature, m, p) in enumerate(features):
@@ -226,6 +234,21 @@ class DeformableDETR(nn.Module):
         return out
 
 
+def pad_to_stride(
+    images: torch.Tensor, mask: torch.Tensor, stride: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pad images (N, C, H, W) with zeros and mask (N, H, W) with True on the right and
+    bottom to the next multiple of ``stride``.
+
+    Always pads (by zero rows where H already is a multiple), and computes the amount
+    from the sizes, so a traced graph holds no branch on them.
+    """
+    H, W = images.shape[-2:]
+    # Only non-negative operands: ONNX's integer Div truncates, Python's // floors.
+    pad = (0, (W + stride - 1) // stride * stride - W, 0, (H + stride - 1) // stride * stride - H)
+    return F.pad(images, pad), F.pad(mask, pad, value=True)
+
+
 def build_model(config: DeformableDETRConfig) -> DeformableDETR:
     """The detector of a config, freshly initialised; ``model.config`` is ``config``."""
     if config.backbone_widths is not None:
@@ -249,22 +272,27 @@ def build_model(config: DeformableDETRConfig) -> DeformableDETR:
     strides = body.strides[-n_backbone:]
     body.num_outputs = n_backbone
     backbone = Joiner(Backbone(body, channels, strides), PositionEmbeddingSine(config.d_model // 2))
-    transformer = DeformableTransformer(
-        d_model=config.d_model,
-        nhead=config.nheads,
-        num_encoder_layers=config.enc_layers,
-        num_decoder_layers=config.dec_layers,
-        dim_feedforward=config.dim_feedforward,
-        dropout=config.dropout,
-        return_intermediate_dec=True,
-        num_feature_levels=config.num_feature_levels,
-        dec_n_points=config.dec_n_points,
-        enc_n_points=config.enc_n_points,
-        two_stage=config.two_stage,
-        two_stage_num_proposals=config.num_queries,
-        backend=config.backend,
-        attention=config.attention,
-    )
+    shared = {
+        "d_model": config.d_model,
+        "n_heads": config.nheads,
+        "num_encoder_layers": config.enc_layers,
+        "num_decoder_layers": config.dec_layers,
+        "d_ffn": config.dim_feedforward,
+        "dropout": config.dropout,
+        "return_intermediate_dec": True,
+        "n_levels": config.num_feature_levels,
+    }
+    if config.attention == "dense":
+        transformer = DenseTransformer(**shared)
+    else:
+        transformer = DeformableTransformer(
+            **shared,
+            dec_n_points=config.dec_n_points,
+            enc_n_points=config.enc_n_points,
+            two_stage=config.two_stage,
+            two_stage_num_proposals=config.num_queries,
+            backend=config.backend,
+        )
     model = DeformableDETR(
         backbone,
         transformer,

@@ -1,6 +1,8 @@
-"""Layers built on the operator: the attention layer and the deformable transformer."""
+"""Layers built on the operator: the attention layer, the deformable transformer, and the
+dense baseline with the same interface."""
 
 from .attention import MSDeformAttn
+from .dense import DenseTransformer
 from .transformer import (
     DeformableTransformer,
     DeformableTransformerDecoder,
@@ -16,6 +18,7 @@ __all__ = [
     "DeformableTransformerDecoderLayer",
     "DeformableTransformerEncoder",
     "DeformableTransformerEncoderLayer",
+    "DenseTransformer",
     "MSDeformAttn",
     "inverse_sigmoid",
 ]

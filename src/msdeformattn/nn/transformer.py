@@ -7,14 +7,21 @@ its checkpoints map onto these modules one to one.
 
 from __future__ import annotations
 
-import copy
 import math
+from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .attention import MSDeformAttn
+from .blocks import (
+    activation_fn,
+    clones,
+    feed_forward,
+    flatten_levels,
+    sine_encoding,
+    with_pos,
+)
 
 __all__ = [
     "DeformableTransformer",
@@ -23,6 +30,7 @@ __all__ = [
     "DeformableTransformerEncoder",
     "DeformableTransformerEncoderLayer",
     "inverse_sigmoid",
+    "learned_queries",
 ]
 
 
@@ -32,29 +40,19 @@ def inverse_sigmoid(x: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
     return torch.log(x.clamp(min=eps) / (1 - x).clamp(min=eps))
 
 
-def _activation(name: str):
-    try:
-        return {"relu": F.relu, "gelu": F.gelu, "glu": F.glu}[name]
-    except KeyError:
-        raise ValueError(f"activation must be 'relu', 'gelu' or 'glu', got {name!r}") from None
-
-
-def _with_pos(x: torch.Tensor, pos: torch.Tensor | None) -> torch.Tensor:
-    return x if pos is None else x + pos
-
-
 class DeformableTransformerEncoderLayer(nn.Module):
     """Deformable self-attention over all levels, then the feed-forward block (post-norm)."""
 
     def __init__(
         self,
-        d_model=256,
-        d_ffn=1024,
-        dropout=0.1,
-        activation="relu",
-        n_levels=4,
-        n_heads=8,
-        n_points=4,
+        d_model: int = 256,
+        d_ffn: int = 1024,
+        dropout: float = 0.1,
+        activation: str = "relu",
+        n_levels: int = 4,
+        n_heads: int = 8,
+        n_points: int = 4,
+        *,
         backend: str | None = None,
     ) -> None:
         super().__init__()
@@ -62,18 +60,24 @@ class DeformableTransformerEncoderLayer(nn.Module):
         self.dropout1 = nn.Dropout(dropout)
         self.norm1 = nn.LayerNorm(d_model)
         self.linear1 = nn.Linear(d_model, d_ffn)
-        self.activation = _activation(activation)
+        self.activation = activation_fn(activation)
         self.dropout2 = nn.Dropout(dropout)
         self.linear2 = nn.Linear(d_ffn, d_model)
         self.dropout3 = nn.Dropout(dropout)
         self.norm2 = nn.LayerNorm(d_model)
 
     def forward(
-        self, src, pos, reference_points, spatial_shapes, level_start_index, padding_mask=None
-    ):
+        self,
+        src: torch.Tensor,
+        pos: torch.Tensor | None,
+        reference_points: torch.Tensor,
+        spatial_shapes: torch.Tensor,
+        level_start_index: torch.Tensor,
+        padding_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """src, pos (N, S, C); reference_points (N, S, L, 2) -> (N, S, C)."""
         attended = self.self_attn(
-            _with_pos(src, pos),
+            with_pos(src, pos),
             reference_points,
             src,
             spatial_shapes,
@@ -81,18 +85,24 @@ class DeformableTransformerEncoderLayer(nn.Module):
             padding_mask,
         )
         src = self.norm1(src + self.dropout1(attended))
-        ffn = self.linear2(self.dropout2(self.activation(self.linear1(src))))
-        return self.norm2(src + self.dropout3(ffn))
+        return feed_forward(
+            src, self.linear1, self.activation, self.dropout2, self.linear2, self.dropout3,
+            self.norm2,
+        )  # fmt: skip
 
 
 class DeformableTransformerEncoder(nn.Module):
     def __init__(self, encoder_layer: DeformableTransformerEncoderLayer, num_layers: int) -> None:
         super().__init__()
-        self.layers = nn.ModuleList(_clone(encoder_layer, num_layers))
+        self.layers = nn.ModuleList(clones(encoder_layer, num_layers))
         self.num_layers = num_layers
 
     @staticmethod
-    def get_reference_points(spatial_shapes, valid_ratios, device):
+    def get_reference_points(
+        spatial_shapes: Sequence[tuple[int, int]],
+        valid_ratios: torch.Tensor,
+        device: torch.device,
+    ) -> torch.Tensor:
         """Pixel centres of every level, normalised by the valid (unpadded) extent.
 
         Returns (N, S, L, 2): each pixel's centre seen from every level.
@@ -113,14 +123,14 @@ class DeformableTransformerEncoder(nn.Module):
 
     def forward(
         self,
-        src,
-        spatial_shapes,
-        level_start_index,
-        valid_ratios,
-        pos=None,
-        padding_mask=None,
-        spatial_shapes_list=None,
-    ):
+        src: torch.Tensor,
+        spatial_shapes: torch.Tensor,
+        level_start_index: torch.Tensor,
+        valid_ratios: torch.Tensor,
+        pos: torch.Tensor | None = None,
+        padding_mask: torch.Tensor | None = None,
+        spatial_shapes_list: Sequence[tuple[int, int]] | None = None,
+    ) -> torch.Tensor:
         """src (N, S, C); valid_ratios (N, L, 2) -> memory (N, S, C).
 
         ``spatial_shapes_list`` gives the level sizes as Python (or symbolic)
@@ -141,13 +151,14 @@ class DeformableTransformerDecoderLayer(nn.Module):
 
     def __init__(
         self,
-        d_model=256,
-        d_ffn=1024,
-        dropout=0.1,
-        activation="relu",
-        n_levels=4,
-        n_heads=8,
-        n_points=4,
+        d_model: int = 256,
+        d_ffn: int = 1024,
+        dropout: float = 0.1,
+        activation: str = "relu",
+        n_levels: int = 4,
+        n_heads: int = 8,
+        n_points: int = 4,
+        *,
         backend: str | None = None,
     ) -> None:
         super().__init__()
@@ -158,7 +169,7 @@ class DeformableTransformerDecoderLayer(nn.Module):
         self.dropout2 = nn.Dropout(dropout)
         self.norm2 = nn.LayerNorm(d_model)
         self.linear1 = nn.Linear(d_model, d_ffn)
-        self.activation = _activation(activation)
+        self.activation = activation_fn(activation)
         self.dropout3 = nn.Dropout(dropout)
         self.linear2 = nn.Linear(d_ffn, d_model)
         self.dropout4 = nn.Dropout(dropout)
@@ -166,20 +177,21 @@ class DeformableTransformerDecoderLayer(nn.Module):
 
     def forward(
         self,
-        tgt,
-        query_pos,
-        reference_points,
-        src,
-        src_spatial_shapes,
-        level_start_index,
-        src_padding_mask=None,
-    ):
-        """tgt, query_pos (N, Q, C); reference_points (N, Q, L, 2|4); src (N, S, C)."""
-        q = k = _with_pos(tgt, query_pos)
+        tgt: torch.Tensor,
+        query_pos: torch.Tensor | None,
+        reference_points: torch.Tensor,
+        src: torch.Tensor,
+        src_spatial_shapes: torch.Tensor,
+        level_start_index: torch.Tensor,
+        src_padding_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """tgt, query_pos (N, Q, C); reference_points (N, Q, L, 2|4); src (N, S, C)
+        -> (N, Q, C)."""
+        q = k = with_pos(tgt, query_pos)
         attended = self.self_attn(q, k, tgt, need_weights=False)[0]
         tgt = self.norm2(tgt + self.dropout2(attended))
         attended = self.cross_attn(
-            _with_pos(tgt, query_pos),
+            with_pos(tgt, query_pos),
             reference_points,
             src,
             src_spatial_shapes,
@@ -187,8 +199,10 @@ class DeformableTransformerDecoderLayer(nn.Module):
             src_padding_mask,
         )
         tgt = self.norm1(tgt + self.dropout1(attended))
-        ffn = self.linear2(self.dropout3(self.activation(self.linear1(tgt))))
-        return self.norm3(tgt + self.dropout4(ffn))
+        return feed_forward(
+            tgt, self.linear1, self.activation, self.dropout3, self.linear2, self.dropout4,
+            self.norm3,
+        )  # fmt: skip
 
 
 class DeformableTransformerDecoder(nn.Module):
@@ -196,12 +210,12 @@ class DeformableTransformerDecoder(nn.Module):
 
     def __init__(
         self,
-        decoder_layer: DeformableTransformerDecoderLayer,
+        decoder_layer: nn.Module,
         num_layers: int,
         return_intermediate: bool = False,
     ) -> None:
         super().__init__()
-        self.layers = nn.ModuleList(_clone(decoder_layer, num_layers))
+        self.layers = nn.ModuleList(clones(decoder_layer, num_layers))
         self.num_layers = num_layers
         self.return_intermediate = return_intermediate
         # Set by the detector for box refinement and two-stage.
@@ -210,15 +224,15 @@ class DeformableTransformerDecoder(nn.Module):
 
     def forward(
         self,
-        tgt,
-        reference_points,
-        src,
-        src_spatial_shapes,
-        src_level_start_index,
-        src_valid_ratios,
-        query_pos=None,
-        src_padding_mask=None,
-    ):
+        tgt: torch.Tensor,
+        reference_points: torch.Tensor,
+        src: torch.Tensor,
+        src_spatial_shapes: torch.Tensor,
+        src_level_start_index: torch.Tensor,
+        src_valid_ratios: torch.Tensor,
+        query_pos: torch.Tensor | None = None,
+        src_padding_mask: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns (hs, references): (layers, N, Q, C) and (layers, N, Q, 2|4) if intermediate."""
         output = tgt
         outputs, references = [], []
@@ -254,70 +268,42 @@ class DeformableTransformerDecoder(nn.Module):
         return output, reference_points
 
 
-def _clone(module: nn.Module, n: int) -> list[nn.Module]:
-    return [copy.deepcopy(module) for _ in range(n)]
-
-
 class DeformableTransformer(nn.Module):
     """Encoder + decoder with level embeddings, valid ratios and (optionally) two-stage queries."""
 
     def __init__(
         self,
-        d_model=256,
-        nhead=8,
-        num_encoder_layers=6,
-        num_decoder_layers=6,
-        dim_feedforward=1024,
-        dropout=0.1,
-        activation="relu",
-        return_intermediate_dec=False,
-        num_feature_levels=4,
-        dec_n_points=4,
-        enc_n_points=4,
-        two_stage=False,
-        two_stage_num_proposals=300,
+        d_model: int = 256,
+        n_heads: int = 8,
+        num_encoder_layers: int = 6,
+        num_decoder_layers: int = 6,
+        d_ffn: int = 1024,
+        dropout: float = 0.1,
+        activation: str = "relu",
+        return_intermediate_dec: bool = False,
+        n_levels: int = 4,
+        dec_n_points: int = 4,
+        enc_n_points: int = 4,
+        two_stage: bool = False,
+        two_stage_num_proposals: int = 300,
+        *,
         backend: str | None = None,
-        attention: str = "deformable",
     ) -> None:
         super().__init__()
-        if attention not in ("deformable", "dense"):
-            raise ValueError(f"attention must be 'deformable' or 'dense', got {attention!r}")
-        self.attention = attention
         self.d_model = d_model
-        self.nhead = nhead
         self.two_stage = two_stage
         self.two_stage_num_proposals = two_stage_num_proposals
-        if attention == "dense":
-            from .dense import DenseDecoderLayer, DenseEncoderLayer
-
-            enc = DenseEncoderLayer(d_model, dim_feedforward, dropout, activation, nhead)
-            dec = DenseDecoderLayer(d_model, dim_feedforward, dropout, activation, nhead)
-        else:
-            enc = DeformableTransformerEncoderLayer(
-                d_model,
-                dim_feedforward,
-                dropout,
-                activation,
-                num_feature_levels,
-                nhead,
-                enc_n_points,
-                backend,
-            )
-            dec = DeformableTransformerDecoderLayer(
-                d_model,
-                dim_feedforward,
-                dropout,
-                activation,
-                num_feature_levels,
-                nhead,
-                dec_n_points,
-                backend,
-            )
-        self.encoder = DeformableTransformerEncoder(enc, num_encoder_layers)
-        self.decoder = DeformableTransformerDecoder(
-            dec, num_decoder_layers, return_intermediate_dec
+        layer_args = (d_model, d_ffn, dropout, activation, n_levels, n_heads)
+        self.encoder = DeformableTransformerEncoder(
+            DeformableTransformerEncoderLayer(*layer_args, enc_n_points, backend=backend),
+            num_encoder_layers,
         )
-        self.level_embed = nn.Parameter(torch.empty(num_feature_levels, d_model))
+        self.decoder = DeformableTransformerDecoder(
+            DeformableTransformerDecoderLayer(*layer_args, dec_n_points, backend=backend),
+            num_decoder_layers,
+            return_intermediate_dec,
+        )
+        self.level_embed = nn.Parameter(torch.empty(n_levels, d_model))
         if two_stage:
             self.enc_output = nn.Linear(d_model, d_model)
             self.enc_output_norm = nn.LayerNorm(d_model)
@@ -345,14 +331,14 @@ class DeformableTransformer(nn.Module):
         The reference fixes 128 features per coordinate, i.e. d_model // 2 at
         its d_model of 256; d_model // 2 keeps other widths working.
         """
-        num_pos_feats, temperature, scale = self.d_model // 2, 10000, 2 * math.pi
-        dim_t = torch.arange(num_pos_feats, dtype=proposals.dtype, device=proposals.device)
-        dim_t = temperature ** (2 * (dim_t // 2) / num_pos_feats)
-        pos = proposals.sigmoid() * scale
-        pos = pos[:, :, :, None] / dim_t
-        return torch.stack((pos[..., 0::2].sin(), pos[..., 1::2].cos()), dim=4).flatten(2)
+        return sine_encoding(proposals.sigmoid() * (2 * math.pi), self.d_model // 2).flatten(2)
 
-    def gen_encoder_output_proposals(self, memory, memory_padding_mask, spatial_shapes):
+    def gen_encoder_output_proposals(
+        self,
+        memory: torch.Tensor,
+        memory_padding_mask: torch.Tensor,
+        spatial_shapes: Sequence[tuple[int, int]],
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """One proposal per encoder pixel (its centre, a size growing with the level).
 
         Returns the masked, projected memory and the proposals in logit space
@@ -386,16 +372,15 @@ class DeformableTransformer(nn.Module):
         output_memory = self.enc_output_norm(self.enc_output(output_memory))
         return output_memory, output_proposals
 
-    @staticmethod
-    def get_valid_ratio(mask: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """(N, H, W) padding mask -> (N, 2) unpadded fraction as (width, height)."""
-        _, H, W = mask.shape
-        valid_H = (~mask[:, :, 0]).sum(1)
-        valid_W = (~mask[:, 0, :]).sum(1)
-        return torch.stack([valid_W.to(dtype) / W, valid_H.to(dtype) / H], -1)
-
-    def forward(self, srcs, masks, pos_embeds, query_embed=None):
-        """srcs, pos_embeds: L maps (N, C, H, W); masks: L (N, H, W) True on padding.
+    def forward(
+        self,
+        srcs: Sequence[torch.Tensor],
+        masks: Sequence[torch.Tensor],
+        pos_embeds: Sequence[torch.Tensor],
+        query_embed: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, ...]:
+        """srcs, pos_embeds: L maps (N, C, H, W); masks: L (N, H, W) True on padding;
+        query_embed (Q, 2*C) unless two-stage.
 
         Returns (hs, init_reference, inter_references, enc_class, enc_coord_unact):
         decoder states (layers, N, Q, C), the first reference points, the
@@ -404,42 +389,17 @@ class DeformableTransformer(nn.Module):
         """
         if not self.two_stage and query_embed is None:
             raise ValueError("query_embed (Q, 2*d_model) is required unless two_stage=True")
-        src_flatten, mask_flatten, pos_flatten, shapes = [], [], [], []
-        for lvl, (src, mask, pos) in enumerate(zip(srcs, masks, pos_embeds, strict=True)):
-            N, C, H, W = src.shape
-            shapes.append((H, W))
-            src_flatten.append(src.flatten(2).transpose(1, 2))
-            mask_flatten.append(mask.flatten(1))
-            pos_flatten.append(
-                pos.flatten(2).transpose(1, 2) + self.level_embed[lvl].view(1, 1, -1)
-            )
-        src_flatten = torch.cat(src_flatten, 1)
-        mask_flatten = torch.cat(mask_flatten, 1)
-        pos_flatten = torch.cat(pos_flatten, 1)
-        device = src_flatten.device
-        # Counted with ops rather than built from Python ints, so that an exported
-        # graph computes the level sizes from its input (as_tensor would bake the
-        # example's sizes into ONNX as a constant).
-        spatial_shapes = torch.stack(
-            [
-                torch.stack([torch.ones(d, dtype=torch.long, device=device).sum() for d in hw])
-                for hw in shapes
-            ]
-        )
-        areas = spatial_shapes.prod(1)
-        level_start_index = torch.cat((areas.new_zeros((1,)), areas.cumsum(0)[:-1]))
-        # In the features' dtype: float32 ratios would cap a float64 model's precision.
-        valid_ratios = torch.stack([self.get_valid_ratio(m, src_flatten.dtype) for m in masks], 1)
+        flat = flatten_levels(srcs, masks, pos_embeds, self.level_embed)
         memory = self.encoder(
-            src_flatten,
-            spatial_shapes,
-            level_start_index,
-            valid_ratios,
-            pos_flatten,
-            mask_flatten,
-            shapes,
+            flat.src,
+            flat.spatial_shapes,
+            flat.level_start_index,
+            flat.valid_ratios,
+            flat.pos,
+            flat.mask,
+            flat.shapes,
         )
-
+        mask_flatten, shapes = flat.mask, flat.shapes
         N, _, C = memory.shape
         enc_class = enc_coord_unact = None
         if self.two_stage:
@@ -460,21 +420,29 @@ class DeformableTransformer(nn.Module):
             )
             query_pos, tgt = torch.split(pos_trans, C, dim=2)
         else:
-            query_pos, tgt = torch.split(query_embed, C, dim=1)
-            query_pos = query_pos.unsqueeze(0).expand(N, -1, -1)
-            tgt = tgt.unsqueeze(0).expand(N, -1, -1)
-            reference_points = self.reference_points(query_pos).sigmoid()
-        init_reference = reference_points
-        # Dense cross-attention needs positions on its keys: they ride on the memory.
-        src = memory + pos_flatten if self.attention == "dense" else memory
+            tgt, query_pos, reference_points = learned_queries(
+                query_embed, self.reference_points, N
+            )
         hs, inter_references = self.decoder(
             tgt,
             reference_points,
-            src,
-            spatial_shapes,
-            level_start_index,
-            valid_ratios,
+            memory,
+            flat.spatial_shapes,
+            flat.level_start_index,
+            flat.valid_ratios,
             query_pos,
             mask_flatten,
         )
-        return hs, init_reference, inter_references, enc_class, enc_coord_unact
+        return hs, reference_points, inter_references, enc_class, enc_coord_unact
+
+
+def learned_queries(
+    query_embed: torch.Tensor, reference_points: nn.Linear, batch: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """query_embed (Q, 2*C) -> (tgt, query_pos, reference points): (N, Q, C), (N, Q, C) and
+    (N, Q, 2) in [0, 1], the points predicted from query_pos (the reference's one-stage
+    queries)."""
+    query_pos, tgt = torch.split(query_embed, query_embed.shape[1] // 2, dim=1)
+    query_pos = query_pos.unsqueeze(0).expand(batch, -1, -1)
+    tgt = tgt.unsqueeze(0).expand(batch, -1, -1)
+    return tgt, query_pos, reference_points(query_pos).sigmoid()

@@ -1,5 +1,6 @@
 """The operator: one registry of backends, one validation, one torch.library op."""
 
+from .levels import level_start_index
 from .op import ms_deform_attn
 from .registry import (
     Backend,
@@ -19,6 +20,7 @@ __all__ = [
     "available_backends",
     "check_inputs",
     "get_backend",
+    "level_start_index",
     "ms_deform_attn",
     "register",
     "resolve",

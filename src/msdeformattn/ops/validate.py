@@ -8,23 +8,9 @@ kernel.
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import torch
 
-__all__ = ["Dims", "check_inputs", "check_level_values"]
-
-
-class Dims(NamedTuple):
-    """Sizes of one call."""
-
-    N: int
-    S: int
-    M: int
-    D: int
-    Lq: int
-    L: int
-    P: int
+__all__ = ["check_inputs", "check_level_values"]
 
 
 def _shape(t: torch.Tensor) -> str:
@@ -54,7 +40,7 @@ def check_inputs(
     sampling_locations: torch.Tensor,
     attention_weights: torch.Tensor,
     check_values: bool = True,
-) -> Dims:
+) -> None:
     """Check ranks, sizes, dtypes and devices; optionally the level table's values.
 
     Raises ``TypeError`` for a wrong type or dtype and ``ValueError`` for a
@@ -78,7 +64,7 @@ def check_inputs(
 
     if value.dim() != 4:
         raise ValueError(f"value must have shape (N, S, M, D) (4 dims), got {_shape(value)}")
-    N, S, M, D = value.shape
+    N, S, M, _ = value.shape
     if spatial_shapes.dim() != 2 or spatial_shapes.shape[1] != 2:
         raise ValueError(
             f"spatial_shapes must have shape (L, 2) holding (H, W) per level, "
@@ -122,7 +108,6 @@ def check_inputs(
         raise ValueError(f"all inputs must be on one device, got {listed}")
     if check_values and value.device.type != "meta":  # meta tensors hold no values
         check_level_values(spatial_shapes, level_start_index, S)
-    return Dims(N, S, M, D, Lq, L, P)
 
 
 def check_level_values(

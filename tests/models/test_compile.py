@@ -46,9 +46,14 @@ def test_compiled_training_step_matches_eager():
     loss_c = loss_of(compiled)
     loss_c.backward()
     torch.testing.assert_close(loss_c, loss)
-    for n, p in model.named_parameters():
-        if n in eager:
-            torch.testing.assert_close(p.grad, eager[n], atol=1e-5, rtol=1e-4, msg=n)
+    compiled_grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    # Most parameters get gradients; where eager leaves one unset (the first class head,
+    # which this loss does not reach) the compiled graph may write zeros, nothing else.
+    assert set(eager) <= set(compiled_grads)
+    assert len(eager) > 0.9 * len(list(model.parameters()))
+    for n, grad in compiled_grads.items():
+        expected = eager.get(n, torch.zeros_like(grad))
+        torch.testing.assert_close(grad, expected, atol=1e-5, rtol=1e-4, msg=n)
 
 
 def test_compiled_inference_with_inductor_matches_eager():
