@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 # triton 3.6.0 is what the GPU machines run; here its interpreter tests the GPU kernels.
 TORCH_PIN ?= torch==2.13.0 triton==3.6.0
 
-.PHONY: install peers demo bench test lint clean
+.PHONY: install peers demo bench test test-fast lint clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -35,8 +35,17 @@ lint: install
 	$(VENV)/bin/ruff check src tests
 	$(VENV)/bin/ruff format --check src tests
 
+# Every Triton specialisation compiled for sm_80/sm_90/sm_100 (no GPU needed): the table.
+.PHONY: gpu-compile
+gpu-compile: install
+	PYTHON=$(PY) bash scripts/gpu_compile.sh
+
 test: lint
 	$(PY) -m pytest -q
+
+# Skips the tests marked slow (see pyproject.toml); CI runs `make test`.
+test-fast: lint
+	$(PY) -m pytest -q -m "not slow"
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis

@@ -3,6 +3,8 @@
 #
 #   bash scripts/gpu_check.sh fetch     # here, with network: peer wheels into .whl/
 #   bash scripts/gpu_check.sh tests     # on the GPU machine (no network)
+#   bash scripts/gpu_check.sh compile   # every Triton specialisation for sm_80/90/100:
+#                                       # registers, spills (make gpu-compile; no GPU needed)
 #   bash scripts/gpu_check.sh bench float32 [bench flags]   # on the GPU machine,
 #   bash scripts/gpu_check.sh bench bfloat16                # one call each (~5 min)
 #   bash scripts/gpu_check.sh bench float32 --deterministic --cases encoder-N2 decoder-N2
@@ -13,7 +15,7 @@
 # $OUT (the device tool's output folder), or ./gpu_out.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-stage=${1:?usage: gpu_check.sh fetch|tests|bench DTYPE [bench flags]}
+stage=${1:?usage: gpu_check.sh fetch|tests|compile|bench DTYPE [bench flags]}
 out=${OUT:-gpu_out}
 mkdir -p "$out"
 if [ -z "${PYTHON:-}" ] && [ "$stage" = fetch ] && [ -x .venv/bin/python ]; then
@@ -60,6 +62,10 @@ print(f"torch {torch.__version__}, triton {triton.__version__}, "
 PY
 
 case "$stage" in
+compile)
+    PYTHON=$py bash scripts/gpu_compile.sh --json "$out/gpu_compile.json" 2>&1 | tee "$out/gpu_compile.md"
+    exit "${PIPESTATUS[0]}"
+    ;;
 tests)
     # pytest-xdist is there, but the CPU kernels' numba cache is shared: no -n.
     $py -m pytest -q -rs --durations=15 tests 2>&1 | tee "$out/tests.log"

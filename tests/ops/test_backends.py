@@ -20,7 +20,11 @@ def assert_matches_reference(backend, inputs, dtype=torch.float32, check_loc=Tru
     for name, g, e in zip(names, got, expected, strict=True):
         if name == "grad_sampling_locations" and not check_loc:
             continue
-        torch.testing.assert_close(g, e, **TOL[dtype], msg=lambda m, n=name: f"{n}: {m}")
+        # Rounding grows with the size of the sums (location gradients scale with W, H and
+        # D and cancel): the absolute tolerance is relative to the tensor's largest entry.
+        tol = dict(TOL[dtype])
+        tol["atol"] *= max(1.0, float(e.abs().max())) if e.numel() else 1.0
+        torch.testing.assert_close(g, e, **tol, msg=lambda m, n=name: f"{n}: {m}")
 
 
 def test_backends_under_test():

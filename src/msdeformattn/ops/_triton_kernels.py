@@ -14,6 +14,9 @@ Under ``TRITON_INTERPRET=1`` the same kernels run on CPU tensors (tests).
 
 from __future__ import annotations
 
+import contextlib
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
@@ -71,7 +74,7 @@ def _tile(Lq, M, D, L, P, BLOCK_Q, BLOCK_D):
     return m, n, d, q < Lq, d < D, j, out_offs
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["Lq", "S", "M", "L", "P"])
 def forward_kernel(
     value_ptr,
     shapes_ptr,
@@ -81,21 +84,21 @@ def forward_kernel(
     out_ptr,
     Lq,
     S,
-    M: tl.constexpr,
+    M,
+    L,
+    P,
     D: tl.constexpr,
-    L: tl.constexpr,
-    P: tl.constexpr,
     BLOCK_Q: tl.constexpr,
     BLOCK_D: tl.constexpr,
     ACC: tl.constexpr,
 ):
     m, n, d, mask_q, mask_d, j, out_offs = _tile(Lq, M, D, L, P, BLOCK_Q, BLOCK_D)
     acc = tl.zeros((BLOCK_Q, BLOCK_D), dtype=ACC)
-    for l in tl.static_range(L):
+    for l in range(L):
         H = tl.load(shapes_ptr + 2 * l)
         W = tl.load(shapes_ptr + 2 * l + 1)
         start = tl.load(starts_ptr + l)
-        for p in tl.static_range(P):
+        for p in range(P):
             s = l * P + p
             fx, fy, ix, iy, a = _sample(loc_ptr, attn_ptr, 2 * (j + s), j + s, mask_q, H, W, ACC)
             for c in tl.static_range(4):
@@ -110,7 +113,7 @@ def forward_kernel(
     tl.store(out_ptr + out_offs, out, mask=mask_q[:, None] & mask_d[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["Lq", "S", "M", "L", "P"])
 def backward_kernel(
     value_ptr,
     shapes_ptr,
@@ -123,10 +126,10 @@ def backward_kernel(
     gattn_ptr,
     Lq,
     S,
-    M: tl.constexpr,
+    M,
+    L,
+    P,
     D: tl.constexpr,
-    L: tl.constexpr,
-    P: tl.constexpr,
     BLOCK_Q: tl.constexpr,
     BLOCK_D: tl.constexpr,
     ACC: tl.constexpr,
@@ -136,11 +139,11 @@ def backward_kernel(
     m, n, d, mask_q, mask_d, j, out_offs = _tile(Lq, M, D, L, P, BLOCK_Q, BLOCK_D)
     mask_qd = mask_q[:, None] & mask_d[None, :]
     go = tl.load(gout_ptr + out_offs, mask=mask_qd, other=0.0).to(ACC)
-    for l in tl.static_range(L):
+    for l in range(L):
         H = tl.load(shapes_ptr + 2 * l)
         W = tl.load(shapes_ptr + 2 * l + 1)
         start = tl.load(starts_ptr + l)
-        for p in tl.static_range(P):
+        for p in range(P):
             s = l * P + p
             fx, fy, ix, iy, a = _sample(loc_ptr, attn_ptr, 2 * (j + s), j + s, mask_q, H, W, ACC)
             g_attn = tl.zeros((BLOCK_Q,), dtype=ACC)
@@ -170,7 +173,7 @@ def backward_kernel(
             tl.store(gloc_ptr + 2 * (j + s) + 1, a * H.to(ACC) * g_y, mask=mask_q)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M"])
 def grad_value_gather_kernel(
     gout_ptr,
     entry_ptr,
@@ -178,7 +181,7 @@ def grad_value_gather_kernel(
     seg_start_ptr,
     seg_row_ptr,
     gvalue_ptr,
-    M: tl.constexpr,
+    M,
     D: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
@@ -203,15 +206,52 @@ def grad_value_gather_kernel(
     tl.store(gvalue_ptr + row * D + d, acc, mask=mask_d)
 
 
-def launch_config(Lq: int, D: int, dtype: torch.dtype = torch.float32) -> tuple[int, int]:
-    """(BLOCK_Q, BLOCK_D): D padded to a power of two, about 16 KB of work values a tile."""
+class LaunchConfig(NamedTuple):
+    block_q: int
+    block_d: int
+    num_warps: int
+
+
+# Work values (ACC) a thread holds per tile: 8 float32 or 4 float64 keeps the
+# forward and both backwards under 128 registers with nothing spilled, and at
+# D=32 makes the decoder's grid (N=2, Lq=300, M=8) 160 programs, more than the
+# 132 SMs of an H100. Measured with ``make gpu-compile`` (docs/benchmarks.md).
+_TILE_BYTES_PER_THREAD = 32
+_MAX_WARPS = 4
+
+
+def launch_config(Lq: int, D: int, dtype: torch.dtype = torch.float32) -> LaunchConfig:
+    """BLOCK_Q queries of D channels (padded to a power of two) per program, and its warps.
+
+    ``dtype`` is the work dtype (float32 or float64).
+    """
     block_d = triton.next_power_of_2(max(D, 1))
-    per_tile = 16384 // dtype.itemsize
-    block_q = max(1, min(64, per_tile // block_d, triton.next_power_of_2(max(Lq, 1))))
-    return block_q, block_d
+    per_thread = _TILE_BYTES_PER_THREAD // dtype.itemsize
+    if D % 8:
+        # Rows not 16-byte aligned are read a value at a time, each with its own address.
+        per_thread //= 2
+    # At most one query per thread: each costs registers of its own (indices, weights).
+    block_q = min(
+        per_thread * 32 * _MAX_WARPS // block_d,
+        32 * _MAX_WARPS,
+        triton.next_power_of_2(max(Lq, 1)),
+    )
+    block_q = max(block_q, 1)
+    warps = max(block_q * block_d // (per_thread * 32), block_q // 32)
+    return LaunchConfig(block_q, block_d, max(1, min(_MAX_WARPS, warps)))
+
+
+def gather_warps(block_d: int, dtype: torch.dtype) -> int:
+    """Warps for one row of BLOCK_D values: one 16-byte vector per thread, at least one warp."""
+    return max(1, min(8, block_d // (32 * (16 // dtype.itemsize))))
 
 
 _TL = {torch.float32: tl.float32, torch.float64: tl.float64}
+
+
+def _on(device: torch.device):
+    """Launch on ``device``'s GPU, not the current one (a no-op for CPU tensors)."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 def forward(value, shapes, starts, loc, attn) -> torch.Tensor:
@@ -227,11 +267,13 @@ def forward(value, shapes, starts, loc, attn) -> torch.Tensor:
     )
     if out.numel() == 0:
         return out.to(value.dtype)
-    block_q, block_d = launch_config(Lq, D, dtype)
-    grid = (triton.cdiv(Lq, block_q), M, N)
-    forward_kernel[grid](
-        value, shapes, starts, loc, attn, out, Lq, S, M, D, L, P, block_q, block_d, _TL[dtype]
-    )
+    cfg = launch_config(Lq, D, dtype)
+    grid = (triton.cdiv(Lq, cfg.block_q), M, N)
+    with _on(value.device):
+        forward_kernel[grid](
+            value, shapes, starts, loc, attn, out, Lq, S, M, L, P, D,
+            cfg.block_q, cfg.block_d, _TL[dtype], num_warps=cfg.num_warps,
+        )  # fmt: skip
     return out.to(value.dtype)
 
 
@@ -247,36 +289,21 @@ def backward(grad_output, value, shapes, starts, loc, attn, deterministic: bool)
     # The kernel writes every sample's location and weight gradient.
     gloc = torch.empty(loc.shape, dtype=dtype, device=dev)
     gattn = torch.empty(attn.shape, dtype=dtype, device=dev)
-    block_q, block_d = launch_config(Lq, D, dtype)
-    grid = (triton.cdiv(Lq, block_q), M, N)
-    backward_kernel[grid](
-        value,
-        shapes,
-        starts,
-        loc,
-        attn,
-        grad_output,
-        gvalue,
-        gloc,
-        gattn,
-        Lq,
-        S,
-        M,
-        D,
-        L,
-        P,
-        block_q,
-        block_d,
-        _TL[dtype],
-        not deterministic,
-    )
-    if deterministic:
-        # Images touch disjoint rows of grad_value: one at a time bounds the sort's memory.
-        for n in range(N):
-            b = slice(n, n + 1)
-            _grad_value_deterministic(
-                grad_output[b], value[b], shapes, starts, loc[b], attn[b], gvalue[b]
-            )
+    cfg = launch_config(Lq, D, dtype)
+    grid = (triton.cdiv(Lq, cfg.block_q), M, N)
+    with _on(dev):
+        backward_kernel[grid](
+            value, shapes, starts, loc, attn, grad_output, gvalue, gloc, gattn,
+            Lq, S, M, L, P, D, cfg.block_q, cfg.block_d, _TL[dtype], not deterministic,
+            num_warps=cfg.num_warps,
+        )  # fmt: skip
+        if deterministic:
+            # Images touch disjoint rows of grad_value: one at a time bounds the sort's memory.
+            for n in range(N):
+                b = slice(n, n + 1)
+                _grad_value_deterministic(
+                    grad_output[b], value[b], shapes, starts, loc[b], attn[b], gvalue[b]
+                )
     return gvalue, gloc, gattn
 
 
@@ -331,7 +358,8 @@ def _grad_value_deterministic(grad_output, value, shapes, starts, loc, attn, gva
         return
     seg_start = torch.zeros(rows.numel() + 1, dtype=torch.int64, device=value.device)
     seg_start[1:] = counts.cumsum(0)
-    _, block_d = launch_config(Lq, D, gvalue.dtype)
+    block_d = triton.next_power_of_2(max(D, 1))
     grad_value_gather_kernel[(rows.numel(),)](
-        grad_output, entry, weight, seg_start, rows, gvalue, M, D, block_d
-    )
+        grad_output, entry, weight, seg_start, rows, gvalue, M, D, block_d,
+        num_warps=gather_warps(block_d, gvalue.dtype),
+    )  # fmt: skip
