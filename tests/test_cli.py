@@ -10,6 +10,7 @@ from PIL import Image
 from msdeformattn.cli import main
 from msdeformattn.models import DeformableDETRConfig, build_model, post_process
 from msdeformattn.models.checkpoint import load_checkpoint, save_checkpoint
+from msdeformattn.models.deformable_detr import pad_to_stride
 
 
 @pytest.fixture
@@ -53,15 +54,23 @@ def test_export_onnx(checkpoint, tmp_path):
     out = tmp_path / "model.onnx"
     main(["export", str(checkpoint), "--onnx", "-o", str(out), "--image-size", "128", "128"])
     session = ort.InferenceSession(str(out))
-    assert [o.name for o in session.get_outputs()][:2] == ["pred_logits", "pred_boxes"]
+    assert [o.name for o in session.get_outputs()] == ["pred_logits", "pred_boxes"]
     model, _, _ = load_checkpoint(checkpoint)
-    images = torch.randn(2, 3, 160, 96)
-    mask = torch.zeros(2, 160, 96, dtype=torch.bool)
+    # 160x213: what predict makes of a 4:3 image; the graph pads it to 160x224.
+    images = torch.randn(2, 3, 160, 213)
+    mask = torch.zeros(2, 160, 213, dtype=torch.bool)
     logits = session.run(["pred_logits"], {"images": images.numpy(), "mask": mask.numpy()})[0]
     with torch.no_grad():
-        np.testing.assert_allclose(
-            logits, model(images, mask)["pred_logits"].numpy(), atol=1e-4, rtol=1e-4
-        )
+        expected = model(*pad_to_stride(images, mask, 32))["pred_logits"]
+    np.testing.assert_allclose(logits, expected.numpy(), atol=1e-4, rtol=1e-4)
+
+
+def test_export_refuses_a_size_below_the_model_minimum(checkpoint, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["export", str(checkpoint), "--onnx", "-o", str(tmp_path / "m.onnx"),
+              "--image-size", "40", "128"])  # fmt: skip
+    assert exit_info.value.code == 2
+    assert "--image-size: each side must be at least 65" in capsys.readouterr().err
 
 
 def test_bench_subcommand(capsys):
@@ -266,7 +275,7 @@ def test_fine_tune_a_save_pretrained_folder_in_one_command(tmp_path, capsys):
     import json
 
     from msdeformattn.train.synthetic import CLASSES, generate
-    from tests.models.test_convert import hf_model
+    from tests.models.conftest import hf_model
 
     hf = hf_model(num_labels=91, random_weights=False)
     hf.save_pretrained(tmp_path / "hf")
@@ -325,7 +334,7 @@ def test_resume_of_a_run_that_used_its_budget_asks_for_more(tmp_path, capsys):
 
 
 def test_check_data_prints_a_table_and_exits_by_what_it_found(tmp_path, capsys):
-    from tests.train.test_check import real_like
+    from tests.train.conftest import real_like
 
     data = real_like(tmp_path / "data")
     main(["check-data", str(data)])  # usable: returns, exit status 0
@@ -346,7 +355,7 @@ def test_train_on_real_like_data_repairs_refuses_a_rerun_and_overwrites(tmp_path
     import json
     import shutil
 
-    from tests.train.test_check import real_like
+    from tests.train.conftest import real_like
 
     data = real_like(tmp_path / "data")
     run = tmp_path / "run"
@@ -386,7 +395,7 @@ def test_train_on_real_like_data_repairs_refuses_a_rerun_and_overwrites(tmp_path
 
 
 def test_training_refuses_fatal_data_naming_the_file(tmp_path, capsys):
-    from tests.train.test_check import real_like
+    from tests.train.conftest import real_like
 
     data = real_like(tmp_path / "data")
     (data / "train" / "b.jpg").write_bytes(b"not a jpeg")

@@ -44,30 +44,15 @@ def _device_flag(parser: argparse.ArgumentParser) -> None:
 
 
 def _export(args: argparse.Namespace) -> None:
-    from .models.checkpoint import load_checkpoint
+    from .deploy import export_onnx, export_program, min_image_size
 
-    model, _, _ = load_checkpoint(args.checkpoint)
-    H, W = args.image_size
-    images = torch.zeros(2, 3, H, W)
-    mask = torch.zeros(2, H, W, dtype=torch.bool)
-    # Batch, height and width stay dynamic (sizes in steps of the backbone's stride 32).
-    n = torch.export.Dim("batch", min=1, max=1024)
-    h = torch.export.Dim("h", min=3, max=1024)
-    w = torch.export.Dim("w", min=3, max=1024)
-    dynamic = ({0: n, 2: 32 * h, 3: 32 * w}, {0: n, 1: 32 * h, 2: 32 * w})
-    if args.onnx:
-        torch.onnx.export(
-            model,
-            (images, mask),
-            args.output,
-            input_names=["images", "mask"],
-            output_names=["pred_logits", "pred_boxes"],
-            dynamic_shapes=dynamic,
-        )
-    else:
-        program = torch.export.export(model, (images, mask), dynamic_shapes=dynamic)
-        torch.export.save(program, args.output)
-    print(f"wrote {args.output}")
+    model, _, _ = _load_model(args.checkpoint)
+    low = min_image_size(model)
+    if min(args.image_size) < low:
+        raise UsageError(f"--image-size: each side must be at least {low} for this model")
+    export = export_onnx if args.onnx else export_program
+    export(model, args.output, tuple(args.image_size))
+    print(f"wrote {args.output} (images of any size from {low} to 4096 px, batch up to 64)")
 
 
 def _train_config(args: argparse.Namespace, base):
@@ -199,17 +184,23 @@ def _require(path: Path, flag: str) -> None:
         raise FileNotFoundError(f"{flag}: {path} does not exist")
 
 
-def _load(args: argparse.Namespace):
-    """(model on the device, config, checkpoint extras, device) of ``args.checkpoint``."""
+def _load_model(path: str):
+    """(model, config, checkpoint extras) of a checkpoint; a bad file is a usage error."""
     from .models.checkpoint import load_checkpoint
-    from .train.loop import resolve_device
 
-    _require(Path(args.checkpoint), "checkpoint")
-    device = resolve_device(args.device)
+    _require(Path(path), "checkpoint")
     try:
-        model, config, extra = load_checkpoint(args.checkpoint)
+        return load_checkpoint(path)
     except ValueError as e:
         raise UsageError(f"checkpoint: {e}") from None
+
+
+def _load(args: argparse.Namespace):
+    """(model on the device, config, checkpoint extras, device) of ``args.checkpoint``."""
+    from .train.loop import resolve_device
+
+    device = resolve_device(args.device)
+    model, config, extra = _load_model(args.checkpoint)
     return model.to(device), config, extra, device
 
 
@@ -423,7 +414,15 @@ def main(argv: list[str] | None = None) -> None:
     sub.add_parser(
         "bench", help="benchmark the operator (python -m msdeformattn.bench --help)", add_help=False
     )
-    export = sub.add_parser("export", help="export a checkpoint to ONNX or torch.export")
+    export = sub.add_parser(
+        "export",
+        help="export a checkpoint to ONNX or torch.export",
+        description="Export the detector: inputs images (N, 3, H, W) float and mask (N, H, W) "
+        "bool (True on padding), outputs pred_logits (N, Q, K) and pred_boxes (N, Q, 4), "
+        "normalised cx, cy, w, h. Batch, height and width are dynamic: any H and W from the "
+        "model's minimum (65 px for 4 levels) to 4096 px, batch up to 64; the graph pads "
+        "to the backbone's stride itself.",
+    )
     export.add_argument("checkpoint", help="an msdeformattn checkpoint (.pt)")
     export.add_argument("--output", "-o", required=True)
     kind = export.add_mutually_exclusive_group(required=True)
@@ -435,7 +434,7 @@ def main(argv: list[str] | None = None) -> None:
         type=int,
         default=(640, 640),
         metavar=("H", "W"),
-        help="example size to trace with (multiples of 64); other sizes work too",
+        help="example size the export traces (default 640 640); any other size runs too",
     )
     train_p = sub.add_parser(
         "train",

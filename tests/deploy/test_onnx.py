@@ -8,7 +8,7 @@ import torch
 
 import msdeformattn
 
-from ..nn.test_attention import layer_inputs, randomized
+from ..nn.conftest import layer_inputs, randomized
 
 ort = pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")

@@ -8,7 +8,7 @@ from torch import nn
 
 from msdeformattn.deploy import FusedMultiScaleDeformableAttention, swap_into_transformers
 
-from ..models.test_convert import hf_model, padded_batch, tiny_resnet
+from ..models.conftest import hf_model, padded_batch, tiny_resnet
 
 pytest.importorskip("transformers")
 

@@ -20,7 +20,7 @@ from msdeformattn.models import (
 from msdeformattn.models.checkpoint import load_checkpoint, save_checkpoint
 from msdeformattn.models.convert import config_from_transformers, hf_to_reference, read_pretrained
 
-from .test_convert import hf_model, padded_batch, randomize
+from .conftest import hf_model, padded_batch, randomize
 
 ATOL, RTOL = 1e-9, 1e-7  # float64 rounding, as in test_convert
 

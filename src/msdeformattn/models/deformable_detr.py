@@ -181,9 +181,9 @@ class DeformableDETR(nn.Module):
     def forward(self, images: torch.Tensor, mask: torch.Tensor | None = None) -> dict:
         """images (N, 3, H, W), any H and W; mask (N, H, W), True on padding (None: none).
 
-        Both are first padded on the right and bottom to a multiple of the backbone's
-        largest stride (:func:`pad_to_stride`; the mask marks the new pixels), so every
-        level's size is exact and one exported graph serves every image size.
+        As in the reference, the input is not padded to the backbone's stride (which
+        would change the numbers at other sizes); the exported detector
+        (:mod:`msdeformattn.deploy.export`) pads with :func:`pad_to_stride` in its graph.
         """
         if images.dim() != 4 or images.shape[1] != 3:
             raise ValueError(f"images must have shape (N, 3, H, W), got {tuple(images.shape)}")
@@ -196,7 +196,6 @@ class DeformableDETR(nn.Module):
                 f"mask must be a bool tensor of shape {(images.shape[0], *images.shape[2:])} "
                 f"(True on padding), got {mask.dtype} {tuple(mask.shape)}"
             )
-        images, mask = pad_to_stride(images, mask, max(self.backbone.strides))
         features = self.backbone(images, mask)
         srcs, masks, pos = [], [], []
         for lvl, (feature, m, p) in enumerate(features):

@@ -13,6 +13,9 @@ from .registry import (
 )
 from .validate import check_inputs
 
+# After the operator is registered: its standard-op decomposition for the ONNX exporter.
+from . import onnx as _onnx  # noqa: F401  isort: skip
+
 __all__ = [
     "Backend",
     "BackendNotSupportedError",

@@ -33,7 +33,9 @@ def _ms_deform_attn(
 
 
 @_ms_deform_attn.register_fake
-def _(value, spatial_shapes, level_start_index, sampling_locations, attention_weights, backend):
+def _fake_forward(
+    value, spatial_shapes, level_start_index, sampling_locations, attention_weights, backend
+):
     N, _, M, D = value.shape
     Lq = sampling_locations.shape[1]
     torch._check(sampling_locations.shape[0] == N and attention_weights.shape[0] == N)
