@@ -24,7 +24,8 @@ def checkpoint(tmp_path):
 
 
 def test_checkpoint_round_trip(checkpoint):
-    model, config, extra = load_checkpoint(checkpoint)
+    model, extra = load_checkpoint(checkpoint, output_extra=True)
+    config = model.config
     assert config == DeformableDETRConfig.tiny(num_classes=3)
     assert extra == {"epoch": 7}
     torch.manual_seed(0)
@@ -40,7 +41,7 @@ def test_export_torch_program(checkpoint, tmp_path, capsys):
     )
     assert "wrote" in capsys.readouterr().out
     program = torch.export.load(out).module()
-    model, _, _ = load_checkpoint(checkpoint)
+    model = load_checkpoint(checkpoint)
     images = torch.randn(1, 3, 96, 160)
     mask = torch.zeros(1, 96, 160, dtype=torch.bool)
     with torch.no_grad():
@@ -55,7 +56,7 @@ def test_export_onnx(checkpoint, tmp_path):
     main(["export", str(checkpoint), "--onnx", "-o", str(out), "--image-size", "128", "128"])
     session = ort.InferenceSession(str(out))
     assert [o.name for o in session.get_outputs()] == ["pred_logits", "pred_boxes"]
-    model, _, _ = load_checkpoint(checkpoint)
+    model = load_checkpoint(checkpoint)
     # 160x213: what predict makes of a 4:3 image; the graph pads it to 160x224.
     images = torch.randn(2, 3, 160, 213)
     mask = torch.zeros(2, 160, 213, dtype=torch.bool)
@@ -113,7 +114,7 @@ def test_train_evaluate_visualize_predict(tmp_path, capsys):
     found = json.loads((tmp_path / "pred" / "detections.json").read_text())
     assert found and {d["category_name"] for d in found} <= set(CLASSES)
     # Boxes in the original image's pixels (160 px), not the 64 px the model saw.
-    model, _, _ = load_checkpoint(run / "last.pt")
+    model = load_checkpoint(run / "last.pt")
     pixels = torch.from_numpy(np.asarray(Image.open(image).convert("RGB"), dtype=np.float32) / 255)
     small = torch.nn.functional.interpolate(
         pixels.permute(2, 0, 1)[None], size=(64, 64), mode="bilinear", antialias=True
@@ -288,7 +289,8 @@ def test_fine_tune_a_save_pretrained_folder_in_one_command(tmp_path, capsys):
           "--config", str(tmp_path / "small.json")])  # fmt: skip
     printed = capsys.readouterr().out
     assert "re-initialised" in printed and "class_embed" in printed
-    model, config, extra = load_checkpoint(run / "last.pt")
+    model, extra = load_checkpoint(run / "last.pt", output_extra=True)
+    config = model.config
     assert config.num_classes == len(CLASSES) == 4
     assert extra["dataset"]["category_names"] == list(CLASSES)
     # The pretrained stem stays frozen while fine-tuning: still the folder's weights.
@@ -312,7 +314,7 @@ def test_backbone_weights_flag_loads_a_torchvision_state_dict(tmp_path, capsys):
           "--batch-size", "4", "--image-size", "64", "--backbone-weights",
           str(tmp_path / "resnet.pth"), "--backbone-norm", "frozen"])  # fmt: skip
     assert "backbone from" in capsys.readouterr().out
-    model, _, _ = load_checkpoint(tmp_path / "run" / "last.pt")
+    model = load_checkpoint(tmp_path / "run" / "last.pt")
     # Frozen stem: exactly the file's weights after training.
     torch.testing.assert_close(model.backbone[0].body.conv1.weight, state["conv1.weight"])
 

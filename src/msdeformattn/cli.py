@@ -190,7 +190,8 @@ def _load_model(path: str):
 
     _require(Path(path), "checkpoint")
     try:
-        return load_checkpoint(path)
+        model, extra = load_checkpoint(path, output_extra=True)
+        return model, model.config, extra
     except ValueError as e:
         raise UsageError(f"checkpoint: {e}") from None
 
@@ -383,7 +384,8 @@ def _demo(args: argparse.Namespace) -> None:
     preset = PRESETS["tiny"]
     cfg = dataclasses.replace(preset.train, minutes=args.minutes, seed=args.seed, eval_every=2)
     metrics = train(data, run, preset.model(len(CLASSES)), cfg, device=args.device)
-    model, config, extra = load_checkpoint(run / "last.pt")
+    model, extra = load_checkpoint(run / "last.pt", output_extra=True)
+    config = model.config
     model.to(resolve_device(args.device))
     pictures = _pictures(model, config, extra, data, run, cfg, 0.3)
     print(

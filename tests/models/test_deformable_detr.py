@@ -163,8 +163,8 @@ def test_any_module_returning_feature_maps_can_be_the_backbone():
         d_ffn=64,
         return_intermediate_dec=True,
     )
-    model = DeformableDETR(
-        backbone, transformer, num_classes=3, num_queries=7, num_feature_levels=4
-    )
+    config = DeformableDETRConfig(num_classes=3, num_queries=7, d_model=64, nheads=4)
+    model = DeformableDETR(config, backbone=backbone, transformer=transformer)
+    assert model.config is config and model.backbone is backbone
     out = model(torch.randn(1, 3, 64, 64))
     assert out["pred_logits"].shape == (1, 7, 3) and out["pred_boxes"].shape == (1, 7, 4)

@@ -56,8 +56,8 @@ def test_dense_baseline_trains_and_the_plot_is_written(tmp_path):
         rows = [json.loads(x) for x in logs[attention].read_text().splitlines()]
         assert len(rows) == 2 and all("AP" in r for r in rows)
         # Each run trained its own kind of attention, and training moved its weights.
-        model, saved, _ = load_checkpoint(run / "last.pt")
-        assert saved.attention == attention
+        model = load_checkpoint(run / "last.pt")
+        assert model.config.attention == attention
         layer = model.transformer.encoder.layers[0]
         assert isinstance(layer, DenseEncoderLayer) == (attention == "dense")
         torch.manual_seed(0)

@@ -55,8 +55,9 @@ def test_two_processes_match_one(tmp_path):
     ]
     run([*common, "-o", str(tmp_path / "one")], nproc=1)
     run([*common, "-o", str(tmp_path / "two")], nproc=2)
-    one, config, _ = load_checkpoint(tmp_path / "one" / "last.pt")
-    two, _, _ = load_checkpoint(tmp_path / "two" / "last.pt")
+    one = load_checkpoint(tmp_path / "one" / "last.pt")
+    two = load_checkpoint(tmp_path / "two" / "last.pt")
+    config = one.config
     for (name, a), b in zip(one.state_dict().items(), two.state_dict().values(), strict=True):
         torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-4, msg=name)
     # Training moved the weights away from the (seeded) initialisation, so the

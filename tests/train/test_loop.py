@@ -34,7 +34,7 @@ def test_train_writes_checkpoints_logs_metrics_and_curves(data, tmp_path, device
     out = tmp_path / "run"
     metrics = loop.train(data, out, cfg=TINY, device=device)
     # The reported metrics are those of the saved weights, evaluated afresh.
-    model, _, _ = load_checkpoint(out / "last.pt")
+    model = load_checkpoint(out / "last.pt")
     _, val_set, _, val_loader = loop.build_loaders(data, TINY)
     again = evaluate(model.to(device), PostProcess(), val_loader, val_set, torch.device(device))
     assert set(metrics) >= {"AP", "AP50", "AP75"}
@@ -45,12 +45,13 @@ def test_train_writes_checkpoints_logs_metrics_and_curves(data, tmp_path, device
     assert (out / "curves.png").read_bytes()[:4] == b"\x89PNG"
     # One line per epoch on stdout beside the bar.
     assert capsys.readouterr().out.count("epoch 2/2  loss") == 1
-    _, config, extra = load_checkpoint(out / "last.pt")
+    saved, extra = load_checkpoint(out / "last.pt", output_extra=True)
+    config = saved.config
     assert extra["epoch"] == 1 and config.num_classes == len(CLASSES)
     # What evaluate and predict need to match training, without flags.
     assert extra["dataset"]["category_names"] == list(CLASSES)
     assert extra["image_size"] == 64 and extra["augmentation"] == "simple"
-    _, _, best = load_checkpoint(out / "best.pt")
+    _, best = load_checkpoint(out / "best.pt", output_extra=True)
     assert best["epoch"] in (0, 1) and "optimizer" not in best
     assert not list(out.glob("*.tmp"))
 
@@ -73,7 +74,7 @@ def test_resume_after_an_interruption_continues_bit_for_bit(data, tmp_path, monk
     with pytest.raises(KeyboardInterrupt):
         loop.train(data, tmp_path / "resumed", config, cfg, progress=False)
     monkeypatch.undo()
-    _, _, first = load_checkpoint(tmp_path / "resumed" / "last.pt")
+    _, first = load_checkpoint(tmp_path / "resumed" / "last.pt", output_extra=True)
     assert first["epoch"] == 0
     loop.train(data, tmp_path / "resumed", resume=True, progress=False)
 

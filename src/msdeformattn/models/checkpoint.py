@@ -21,8 +21,12 @@ def save_checkpoint(
     torch.save({"config": dataclasses.asdict(config), "model": model.state_dict(), **extra}, path)
 
 
-def load_checkpoint(path: str | Path) -> tuple[DeformableDETR, DeformableDETRConfig, dict]:
-    """The detector of a checkpoint (in eval mode), its config, and the other entries."""
+def load_checkpoint(
+    path: str | Path, *, output_extra: bool = False
+) -> DeformableDETR | tuple[DeformableDETR, dict]:
+    """The detector of a checkpoint, in eval mode, with its config as ``model.config``;
+    with ``output_extra=True`` also the file's other entries (epoch, dataset, sizes, ...),
+    as ``(model, extra)``, the way ``from_pretrained`` gives its report on request."""
     data = read_weights_file(Path(path), "an msdeformattn checkpoint")
     if not isinstance(data, dict) or "config" not in data or "model" not in data:
         raise ValueError(f"{path} is not an msdeformattn checkpoint (needs 'config' and 'model')")
@@ -31,4 +35,4 @@ def load_checkpoint(path: str | Path) -> tuple[DeformableDETR, DeformableDETRCon
     report = load_reference_checkpoint(model, data.pop("model"))
     if not report.exact:
         raise ValueError(f"{path}: the weights do not fit the checkpoint's config:\n{report}")
-    return model.eval(), config, data
+    return (model.eval(), data) if output_extra else model.eval()

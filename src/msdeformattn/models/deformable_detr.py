@@ -31,7 +31,10 @@ __all__ = [
     "DeformableDETR",
     "DeformableDETRConfig",
     "box_cxcywh_to_xyxy",
+    "build_backbone",
     "build_model",
+    "build_transformer",
+    "pad_to_stride",
     "post_process",
 ]
 
@@ -64,16 +67,24 @@ class DeformableDETR(nn.Module):
 
     def __init__(
         self,
-        backbone: Joiner,
-        transformer: DeformableTransformer | DenseTransformer,
-        num_classes: int,
-        num_queries: int,
-        num_feature_levels: int,
-        aux_loss: bool = True,
-        with_box_refine: bool = False,
-        two_stage: bool = False,
+        config: DeformableDETRConfig,
+        *,
+        backbone: Joiner | None = None,
+        transformer: DeformableTransformer | DenseTransformer | None = None,
     ) -> None:
+        """The detector of ``config``, freshly initialised (``model.config`` keeps it).
+
+        backbone, transformer: modules to use instead of the ones ``config`` describes
+        (e.g. another trunk: any module returning the feature maps, wrapped in
+        :class:`Backbone` and :class:`Joiner`); the rest still follows ``config``.
+        """
         super().__init__()
+        self.config = config
+        backbone = backbone if backbone is not None else build_backbone(config)
+        transformer = transformer if transformer is not None else build_transformer(config)
+        num_classes, num_queries = config.num_classes, config.num_queries
+        num_feature_levels, aux_loss = config.num_feature_levels, config.aux_loss
+        with_box_refine, two_stage = config.with_box_refine, config.two_stage
         hidden = transformer.d_model
         self.num_queries = num_queries
         self.num_feature_levels = num_feature_levels
@@ -249,7 +260,12 @@ def pad_to_stride(
 
 
 def build_model(config: DeformableDETRConfig) -> DeformableDETR:
-    """The detector of a config, freshly initialised; ``model.config`` is ``config``."""
+    """The detector of a config, freshly initialised: ``DeformableDETR(config)``."""
+    return DeformableDETR(config)
+
+
+def build_backbone(config: DeformableDETRConfig) -> Joiner:
+    """The trunk and position encoding ``config`` describes."""
     if config.backbone_widths is not None:
         body = ResNet(
             config.backbone_block,
@@ -270,7 +286,11 @@ def build_model(config: DeformableDETRConfig) -> DeformableDETR:
     channels = body.num_channels[-n_backbone:]
     strides = body.strides[-n_backbone:]
     body.num_outputs = n_backbone
-    backbone = Joiner(Backbone(body, channels, strides), PositionEmbeddingSine(config.d_model // 2))
+    return Joiner(Backbone(body, channels, strides), PositionEmbeddingSine(config.d_model // 2))
+
+
+def build_transformer(config: DeformableDETRConfig) -> DeformableTransformer | DenseTransformer:
+    """The encoder-decoder ``config`` describes (deformable, or the dense baseline)."""
     shared = {
         "d_model": config.d_model,
         "n_heads": config.nheads,
@@ -282,29 +302,15 @@ def build_model(config: DeformableDETRConfig) -> DeformableDETR:
         "n_levels": config.num_feature_levels,
     }
     if config.attention == "dense":
-        transformer = DenseTransformer(**shared)
-    else:
-        transformer = DeformableTransformer(
-            **shared,
-            dec_n_points=config.dec_n_points,
-            enc_n_points=config.enc_n_points,
-            two_stage=config.two_stage,
-            two_stage_num_proposals=config.num_queries,
-            backend=config.backend,
-        )
-    model = DeformableDETR(
-        backbone,
-        transformer,
-        config.num_classes,
-        config.num_queries,
-        config.num_feature_levels,
-        config.aux_loss,
-        config.with_box_refine,
-        config.two_stage,
+        return DenseTransformer(**shared)
+    return DeformableTransformer(
+        **shared,
+        dec_n_points=config.dec_n_points,
+        enc_n_points=config.enc_n_points,
+        two_stage=config.two_stage,
+        two_stage_num_proposals=config.num_queries,
+        backend=config.backend,
     )
-    # What the model was built from, as transformers keeps it: a loaded model tells its config.
-    model.config = config
-    return model
 
 
 @torch.no_grad()

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import torch
 
+from .reference import compute_dtype
+
 __all__ = ["traceable_forward"]
 
 
@@ -28,8 +30,7 @@ def traceable_forward(
     """Same contract as :func:`msdeformattn.ms_deform_attn`; shapes (N, Lq, M*D) out."""
     N, _, M, D = value.shape
     Lq, L, P = sampling_locations.shape[1], sampling_locations.shape[3], sampling_locations.shape[4]
-    dtype = torch.promote_types(value.dtype, sampling_locations.dtype)
-    dtype = torch.promote_types(dtype, attention_weights.dtype)
+    dtype = compute_dtype(value, sampling_locations, attention_weights)
     # Per-level tables, broadcast against (N, Lq, M, L, P).
     H = spatial_shapes[:, 0].view(1, 1, 1, L, 1)
     W = spatial_shapes[:, 1].view(1, 1, 1, L, 1)
