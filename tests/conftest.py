@@ -101,3 +101,38 @@ def naive(value, shapes, starts, loc, attn):
                                     row = value[n, start + yy * W + xx, m].double()
                                     out[n, q, m * D : (m + 1) * D] += attn[n, q, m, l, p] * w * row
     return out
+
+
+def naive_samples(value, shapes, starts, loc, attn, levels, discrete=False):
+    """The per-sample form: loc (N, Lq, M, K, 2) and attn (N, Lq, M, K), sample k on level
+    ``levels[k]``; ``discrete`` reads the pixel floor(loc * (W, H) + 0.5), clamped per axis."""
+    N, _, M, D = value.shape
+    Lq, K = loc.shape[1], loc.shape[3]
+    out = torch.zeros(N, Lq, M * D, dtype=torch.float64)
+    for n in range(N):
+        for q in range(Lq):
+            for m in range(M):
+                for k in range(K):
+                    H, W = (int(s) for s in shapes[levels[k]])
+                    start = int(starts[levels[k]])
+                    lx, ly = (float(c) for c in loc[n, q, m, k])
+                    if not (math.isfinite(lx) and math.isfinite(ly)):
+                        continue
+                    a = float(attn[n, q, m, k])
+                    if discrete:
+                        xx = min(max(math.floor(lx * W + 0.5), 0), W - 1)
+                        yy = min(max(math.floor(ly * H + 0.5), 0), H - 1)
+                        corners = [(xx, yy, 1.0)]
+                    else:
+                        x, y = lx * W - 0.5, ly * H - 0.5
+                        x0, y0 = math.floor(x), math.floor(y)
+                        corners = [
+                            (xx, yy, (1 - abs(x - xx)) * (1 - abs(y - yy)))
+                            for yy in (y0, y0 + 1)
+                            for xx in (x0, x0 + 1)
+                        ]
+                    for xx, yy, w in corners:
+                        if 0 <= xx < W and 0 <= yy < H:
+                            row = value[n, start + yy * W + xx, m].double()
+                            out[n, q, m * D : (m + 1) * D] += a * w * row
+    return out

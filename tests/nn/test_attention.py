@@ -10,7 +10,7 @@ import torch
 import msdeformattn
 from msdeformattn import MSDeformAttn
 
-from ..conftest import DEVICES, level_table
+from ..conftest import DEVICES, level_table, naive_samples
 from .conftest import layer_inputs, randomized
 
 
@@ -203,3 +203,64 @@ def test_repr_shows_only_non_defaults():
     assert MSDeformAttn(n_points=2, backend="cpu").extra_repr() == (
         "d_model=256, n_points=2, backend='cpu'"
     )
+
+
+def rtdetr_v2_formula(layer, query, ref, flat, shapes, starts, discrete=False):
+    """RT-DETRv2's per-level-points layer written out sample by sample (scalar-loop oracle)."""
+    N, Lq, C = query.shape
+    M, points = layer.n_heads, layer.points_per_level
+    K = sum(points)
+    value = (flat @ layer.value_proj.weight.T + layer.value_proj.bias).view(N, -1, M, C // M)
+    off = query @ layer.sampling_offsets.weight.T + layer.sampling_offsets.bias
+    off = off.view(N, Lq, M, K, 2)
+    logits = query @ layer.attention_weights.weight.T + layer.attention_weights.bias
+    attn = logits.view(N, Lq, M, K).softmax(-1)
+    levels = [lv for lv, p in enumerate(points) for _ in range(p)]
+    loc = torch.empty(N, Lq, M, K, 2, dtype=query.dtype)
+    for k, lv in enumerate(levels):
+        H, W = shapes[lv].tolist()
+        r = ref[:, :, None, lv]
+        if ref.shape[-1] == 2:
+            loc[:, :, :, k, 0] = r[..., 0] + off[:, :, :, k, 0] / W
+            loc[:, :, :, k, 1] = r[..., 1] + off[:, :, :, k, 1] / H
+        else:
+            loc[:, :, :, k] = r[..., :2] + off[:, :, :, k] / points[lv] * r[..., 2:] * 0.5
+    out = naive_samples(value, shapes, starts, loc, attn, levels, discrete).to(query.dtype)
+    return out @ layer.output_proj.weight.T + layer.output_proj.bias
+
+
+@pytest.mark.parametrize("sampling", ["bilinear", "discrete"])
+@pytest.mark.parametrize("ref_dim", [2, 4])
+def test_per_level_points_layer_matches_rtdetr_v2_formula(ref_dim, sampling):
+    layer = randomized(
+        MSDeformAttn(d_model=16, n_levels=3, n_heads=2, n_points=[3, 6, 3], sampling=sampling)
+    )
+    assert layer.sampling_offsets.out_features == 2 * 12 * 2
+    inputs = layer_inputs(N=2, Lq=3, C=16, levels=((5, 7), (3, 4), (2, 2)), ref_dim=ref_dim)
+    inputs = tuple(t.double() if t.is_floating_point() else t for t in inputs)
+    layer.double()
+    with torch.no_grad():
+        got = layer(*inputs)
+    expected = rtdetr_v2_formula(layer, *inputs, discrete=sampling == "discrete")
+    torch.testing.assert_close(got, expected, atol=1e-10, rtol=1e-9)
+
+
+def test_equal_per_level_counts_are_the_int_layer():
+    torch.manual_seed(0)
+    as_int = randomized(MSDeformAttn(d_model=32, n_levels=4, n_heads=4, n_points=2))
+    as_list = MSDeformAttn(d_model=32, n_levels=4, n_heads=4, n_points=[2, 2, 2, 2])
+    as_list.load_state_dict(as_int.state_dict())
+    inputs = layer_inputs(ref_dim=4)
+    with torch.no_grad():
+        torch.testing.assert_close(as_list(*inputs), as_int(*inputs), rtol=0, atol=0)
+
+
+def test_per_level_initialisation_puts_points_at_distances_1_to_p_of_each_level():
+    layer = MSDeformAttn(d_model=16, n_levels=3, n_heads=4, n_points=[1, 3, 2])
+    bias = layer.sampling_offsets.bias.view(4, 6, 2)
+    # Head 0 points along +x: distances 1 | 1, 2, 3 | 1, 2.
+    assert bias[0, :, 0].tolist() == [1, 1, 2, 3, 1, 2] and (bias[0, :, 1] == 0).all()
+    with pytest.raises(ValueError, match=r"one count >= 1 per level \(3\)"):
+        MSDeformAttn(d_model=16, n_levels=3, n_heads=4, n_points=[1, 3])
+    with pytest.raises(ValueError, match="sampling must be"):
+        MSDeformAttn(d_model=16, sampling="nearest")

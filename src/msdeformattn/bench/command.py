@@ -74,6 +74,11 @@ def _parser() -> argparse.ArgumentParser:
         help="time a COCO-size encoder layer's training step against transformers",
     )
     p.add_argument(
+        "--rtdetr",
+        action="store_true",
+        help="time the RT-DETRv2 forms (per-level points, discrete) against plain PyTorch",
+    )
+    p.add_argument(
         "--train-step",
         action="store_true",
         help="time one training step of the full detector (at --image-size) against transformers",
@@ -123,6 +128,11 @@ def _main(args: argparse.Namespace) -> None:
 
         print(_cpu_header(), flush=True)
         print(train_step_benchmark(*args.image_size, args.min_run_time))
+    elif args.rtdetr:
+        from .rtdetr import benchmark
+
+        print(_cpu_header(), flush=True)
+        print(benchmark(args.min_run_time))
     elif args.encoder:
         from .encoder_layer import encoder_benchmark
 

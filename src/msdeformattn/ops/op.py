@@ -8,9 +8,12 @@ through an explicit backward operator that saves only the inputs.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 from . import cpu, reference, triton  # noqa: F401  (registers the backends)
+from .forms import SAMPLING, check_points_per_level, snap_to_pixels, to_equal_points
 from .registry import get_backend, resolve
 from .traceable import traceable_forward
 from .validate import check_inputs
@@ -119,6 +122,9 @@ def ms_deform_attn(
     attention_weights: torch.Tensor,
     backend: str | None = None,
     check_values: bool = True,
+    *,
+    points_per_level: Sequence[int] | None = None,
+    sampling: str = "bilinear",
 ) -> torch.Tensor:
     """Multi-scale deformable attention (Deformable DETR, eq. 3) without the projections.
 
@@ -138,6 +144,12 @@ def ms_deform_attn(
             check that they tile S. Costs a host sync on a GPU; pass ``False``
             in hot loops once the inputs are known good. Kernels stay in
             bounds either way.
+        points_per_level: RT-DETRv2's per-level point counts ``[P_0, ..., P_{L-1}]``;
+            sampling_locations are then (N, Lq, M, sum(P_l), 2) and
+            attention_weights (N, Lq, M, sum(P_l)), level 0's samples first.
+        sampling: ``"bilinear"``, or ``"discrete"`` (RT-DETRv2): each sample reads
+            the pixel ``floor(loc * (W, H) + 0.5)``, clamped to the map per axis, and
+            only ``value`` and the weights get gradients. See :mod:`.forms`.
 
     Returns:
         Tensor[N, Lq, M*D] in ``value``'s dtype, channel ``m*D + d`` for head m.
@@ -154,6 +166,15 @@ def ms_deform_attn(
         >>> ms_deform_attn(value, shapes, starts, loc, attn).shape
         torch.Size([2, 100, 256])
     """
+    if sampling not in SAMPLING:
+        raise ValueError(f"sampling must be one of {SAMPLING}, got {sampling!r}")
+    if points_per_level is not None:
+        points = check_points_per_level(
+            points_per_level, spatial_shapes, sampling_locations, attention_weights
+        )
+        sampling_locations, attention_weights = to_equal_points(
+            sampling_locations, attention_weights, points
+        )
     exporting = torch.onnx.is_in_onnx_export()
     check_inputs(
         value,
@@ -164,6 +185,8 @@ def ms_deform_attn(
         # While tracing (compile, export) the values are unknown.
         check_values=check_values and not torch.compiler.is_compiling() and not exporting,
     )
+    if sampling == "discrete":
+        sampling_locations = snap_to_pixels(sampling_locations, spatial_shapes)
     if exporting:
         # ONNX has no kernel of ours: standard ops, level tables kept as tensors.
         return traceable_forward(
