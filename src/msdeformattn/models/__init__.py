@@ -4,6 +4,7 @@ from .backbone import Backbone, FrozenBatchNorm2d, Joiner, PositionEmbeddingSine
 from .config import DeformableDETRConfig
 from .convert import LoadReport, load_backbone_weights
 from .deformable_detr import MLP, DeformableDETR, box_cxcywh_to_xyxy, build_model, post_process
+from .pixel_decoder import MSDeformAttnPixelDecoder, PixelDecoderOutput
 
 __all__ = [
     "MLP",
@@ -13,6 +14,8 @@ __all__ = [
     "FrozenBatchNorm2d",
     "Joiner",
     "LoadReport",
+    "MSDeformAttnPixelDecoder",
+    "PixelDecoderOutput",
     "PositionEmbeddingSine",
     "ResNet",
     "box_cxcywh_to_xyxy",

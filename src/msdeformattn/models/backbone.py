@@ -200,9 +200,11 @@ class Backbone(nn.Module):
 
 
 class PositionEmbeddingSine(nn.Module):
-    """Sine/cosine encoding of normalised pixel positions (Deformable DETR's variant, -0.5 offset).
+    """Sine/cosine encoding of normalised pixel positions: (N, H, W) padding mask ->
+    (N, 2*num_pos_feats, H, W), y features first, then x.
 
-    Returns (N, 2*num_pos_feats, H, W): y features first, then x.
+    ``offset``: subtracted from the 1-based positions before normalising: 0.5 is
+    Deformable DETR's variant, 0 DETR's and Mask2Former's.
     """
 
     def __init__(
@@ -211,12 +213,14 @@ class PositionEmbeddingSine(nn.Module):
         temperature: float = 10000,
         normalize: bool = True,
         scale: float = 2 * math.pi,
+        offset: float = 0.5,
     ) -> None:
         super().__init__()
         self.num_pos_feats = num_pos_feats
         self.temperature = temperature
         self.normalize = normalize
         self.scale = scale
+        self.offset = offset
 
     def forward(self, mask: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         not_mask = (~mask).to(dtype)
@@ -224,8 +228,8 @@ class PositionEmbeddingSine(nn.Module):
         x_embed = not_mask.cumsum(2)
         if self.normalize:
             eps = 1e-6
-            y_embed = (y_embed - 0.5) / (y_embed[:, -1:, :] + eps) * self.scale
-            x_embed = (x_embed - 0.5) / (x_embed[:, :, -1:] + eps) * self.scale
+            y_embed = (y_embed - self.offset) / (y_embed[:, -1:, :] + eps) * self.scale
+            x_embed = (x_embed - self.offset) / (x_embed[:, :, -1:] + eps) * self.scale
         pos_x = sine_encoding(x_embed, self.num_pos_feats, self.temperature)
         pos_y = sine_encoding(y_embed, self.num_pos_feats, self.temperature)
         return torch.cat((pos_y, pos_x), dim=3).permute(0, 3, 1, 2)
