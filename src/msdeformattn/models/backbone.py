@@ -104,7 +104,8 @@ def _downsample(inplanes: int, outplanes: int, stride: int, norm: type[nn.Module
 
 
 class ResNet(nn.Module):
-    """ResNet trunk returning the outputs of layer2..layer4 (strides 8, 16, 32).
+    """ResNet trunk returning the last ``num_outputs`` of layer1..layer4 (C2..C5, strides
+    4, 8, 16, 32): C3..C5 by default (detection); all four for a segmenter's pixel decoder.
 
     Args:
         block: ``"basic"`` (ResNet-18/34) or ``"bottleneck"`` (ResNet-50).
@@ -135,9 +136,10 @@ class ResNet(nn.Module):
                 blocks.append(block_cls(inplanes, width, stride, norm_cls))
                 inplanes = width * block_cls.expansion
             setattr(self, f"layer{i + 1}", nn.Sequential(*blocks))
-        self.num_channels = [w * block_cls.expansion for w in widths[1:]]
-        self.strides = [8, 16, 32]
-        #: how many of C3, C4, C5 forward returns (the last ones)
+        #: channels and strides of C2..C5
+        self.num_channels = [w * block_cls.expansion for w in widths]
+        self.strides = [4, 8, 16, 32]
+        #: how many of C2..C5 forward returns (the last ones)
         self.num_outputs = 3
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
@@ -148,7 +150,7 @@ class ResNet(nn.Module):
         c2 = self.layer1(x)
         c3 = self.layer2(c2)
         c4 = self.layer3(c3)
-        return [c3, c4, self.layer4(c4)][3 - self.num_outputs :]
+        return [c2, c3, c4, self.layer4(c4)][4 - self.num_outputs :]
 
 
 def resnet(name: str = "resnet50", norm: str = "frozen") -> ResNet:
