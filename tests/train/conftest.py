@@ -46,3 +46,22 @@ def real_like(root: Path) -> Path:
         coco = {"images": images, "annotations": annotations, "categories": categories}
         (root / "annotations" / f"instances_{split}.json").write_text(json.dumps(coco))
     return root
+
+
+def segmentation_sample(
+    root: Path,
+    split: str,
+    stem: str,
+    mask: np.ndarray,
+    image: np.ndarray | None = None,
+    suffix: str = ".png",
+) -> None:
+    """Write ``root/images/split/stem+suffix`` and ``root/annotations/split/stem.png``:
+    ``mask`` (H, W) uint8 class indices; ``image`` (H, W, 3) uint8, noise by default."""
+    (root / "images" / split).mkdir(parents=True, exist_ok=True)
+    (root / "annotations" / split).mkdir(parents=True, exist_ok=True)
+    if image is None:
+        rng = np.random.default_rng(len(stem))
+        image = rng.integers(0, 255, (*mask.shape, 3), dtype=np.uint8)
+    Image.fromarray(image).save(root / "images" / split / (stem + suffix))
+    Image.fromarray(mask.astype(np.uint8)).save(root / "annotations" / split / (stem + ".png"))

@@ -69,7 +69,14 @@ def _iou(a, b) -> float:
     return inter / (aw * ah + bw * bh - inter)
 
 
-def _image(rng: np.random.Generator, size: int, max_overlap: float):
+def _paint(
+    rng: np.random.Generator, size: int, max_overlap: float
+) -> tuple[np.ndarray, np.ndarray, list[int]]:
+    """One image: pixels (size, size, 3) uint8, the object each pixel shows (size, size)
+    with -1 for background, and each object's class index.
+
+    Shared by the detection and segmentation generators, so both draw the same scenes.
+    """
     img = _background(rng, size)
     owner = np.full((size, size), -1)  # which object each pixel shows
     placed = []  # (kind, box drawn in)
@@ -87,8 +94,14 @@ def _image(rng: np.random.Generator, size: int, max_overlap: float):
         img[mask] = colour + rng.normal(0, 0.03, size=(int(mask.sum()), 3))
         owner[mask] = len(placed)
         placed.append((kind, box))
+    kinds = [kind for kind, _ in placed]
+    return (np.clip(img, 0, 1) * 255).astype(np.uint8), owner, kinds
+
+
+def _image(rng: np.random.Generator, size: int, max_overlap: float):
+    pixels, owner, kinds = _paint(rng, size, max_overlap)
     objects = []
-    for index, (kind, _) in enumerate(placed):
+    for index, kind in enumerate(kinds):
         ys, xs = np.nonzero(owner == index)
         if len(xs) < 16:  # (almost) hidden by later objects
             continue
@@ -99,7 +112,7 @@ def _image(rng: np.random.Generator, size: int, max_overlap: float):
             float(ys.max() - ys.min() + 1),
         )
         objects.append((kind, visible, len(xs)))
-    return (np.clip(img, 0, 1) * 255).astype(np.uint8), objects
+    return pixels, objects
 
 
 def generate(
