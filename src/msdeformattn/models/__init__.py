@@ -5,12 +5,14 @@ from .config import DeformableDETRConfig
 from .convert import LoadReport, load_backbone_weights
 from .deformable_detr import MLP, DeformableDETR, box_cxcywh_to_xyxy, build_model, post_process
 from .pixel_decoder import MSDeformAttnPixelDecoder, PixelDecoderOutput
+from .segmenter import DeformableSegmenter, SegmenterConfig
 
 __all__ = [
     "MLP",
     "Backbone",
     "DeformableDETR",
     "DeformableDETRConfig",
+    "DeformableSegmenter",
     "FrozenBatchNorm2d",
     "Joiner",
     "LoadReport",
@@ -18,6 +20,7 @@ __all__ = [
     "PixelDecoderOutput",
     "PositionEmbeddingSine",
     "ResNet",
+    "SegmenterConfig",
     "box_cxcywh_to_xyxy",
     "build_model",
     "load_backbone_weights",

@@ -34,6 +34,7 @@ __all__ = [
     "build_backbone",
     "build_model",
     "build_transformer",
+    "build_trunk",
     "pad_to_stride",
     "post_process",
 ]
@@ -264,18 +265,25 @@ def build_model(config: DeformableDETRConfig) -> DeformableDETR:
     return DeformableDETR(config)
 
 
-def build_backbone(config: DeformableDETRConfig) -> Joiner:
-    """The trunk and position encoding ``config`` describes."""
+def build_trunk(config: Any) -> ResNet:
+    """The ResNet a config's trunk fields describe (``backbone``, ``backbone_norm``,
+    ``backbone_block``, ``backbone_widths``, ``backbone_depths``, ``backbone_stem``: the
+    detector's and the segmenter's configs share them)."""
     if config.backbone_widths is not None:
-        body = ResNet(
+        return ResNet(
             config.backbone_block,
             config.backbone_depths or (1,) * len(config.backbone_widths),
             config.backbone_widths,
             norm=config.backbone_norm,
             stem_width=config.backbone_stem,
         )
-    else:
-        body = resnet(config.backbone, norm=config.backbone_norm)
+    return resnet(config.backbone, norm=config.backbone_norm)
+
+
+def build_backbone(config: DeformableDETRConfig) -> Joiner:
+    """The trunk (its last maps, C3..C5 by default) and position encoding ``config``
+    describes."""
+    body = build_trunk(config)
     most = min(3, config.num_feature_levels)
     n_backbone = most if config.num_backbone_levels is None else config.num_backbone_levels
     if not 1 <= n_backbone <= most:
