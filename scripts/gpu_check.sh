@@ -5,6 +5,8 @@
 #   bash scripts/gpu_check.sh tests     # on the GPU machine (no network)
 #   bash scripts/gpu_check.sh compile   # every Triton specialisation for sm_80/90/100:
 #                                       # registers, spills (make gpu-compile; no GPU needed)
+#   bash scripts/gpu_check.sh triton-op # the triton_ops traced on CUDA: opcheck, aot_eager
+#                                       # full graph, Inductor (~3 min; tests runs them too)
 #   bash scripts/gpu_check.sh bench float32 [bench flags]   # on the GPU machine,
 #   bash scripts/gpu_check.sh bench bfloat16                # one call each (~5 min)
 #   bash scripts/gpu_check.sh bench float32 --deterministic --cases encoder-N2 decoder-N2
@@ -15,7 +17,7 @@
 # $OUT (the device tool's output folder), or ./gpu_out.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-stage=${1:?usage: gpu_check.sh fetch|tests|compile|bench DTYPE [bench flags]}
+stage=${1:?usage: gpu_check.sh fetch|tests|compile|triton-op|bench DTYPE [bench flags]}
 out=${OUT:-gpu_out}
 mkdir -p "$out"
 if [ -z "${PYTHON:-}" ] && [ "$stage" = fetch ] && [ -x .venv/bin/python ]; then
@@ -64,6 +66,13 @@ PY
 case "$stage" in
 compile)
     PYTHON=$py bash scripts/gpu_compile.sh --json "$out/gpu_compile.json" 2>&1 | tee "$out/gpu_compile.md"
+    exit "${PIPESTATUS[0]}"
+    ;;
+triton-op)
+    # Only a GPU runs these as triton_ops (the interpreter makes them opaque):
+    # opcheck's test_aot_dispatch_* trace them, Inductor compiles their kernels.
+    $py -m pytest -q -rs --durations=10 tests/ops/test_triton.py \
+        -k "kernel_ops or trace_into or inductor" 2>&1 | tee "$out/triton_op.log"
     exit "${PIPESTATUS[0]}"
     ;;
 tests)

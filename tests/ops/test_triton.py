@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -138,3 +144,169 @@ def test_tensors_on_the_second_gpu_while_the_first_is_current():
 
     for g, e in zip(grads(on_second, inputs), grads(run_ref, inputs), strict=True):
         torch.testing.assert_close(g, e, **TOL[torch.float32])
+
+
+# --- the kernel operators (torch.library.triton_op on a GPU) ------------------------------
+
+SCHEMAS = {
+    "triton_forward": "msdeformattn::triton_forward(Tensor value, Tensor shapes, Tensor starts, "
+    "Tensor loc, Tensor attn) -> Tensor",
+    **{
+        f"triton_backward_{kind}": f"msdeformattn::triton_backward_{kind}(Tensor grad_output, "
+        "Tensor value, Tensor shapes, Tensor starts, Tensor loc, Tensor attn) "
+        "-> (Tensor, Tensor, Tensor)"
+        for kind in ("atomic", "deterministic")
+    },
+}
+
+
+def kernel_op(name):
+    from msdeformattn.ops import _triton_kernels  # noqa: F401  (registers the operators)
+
+    return getattr(torch.ops.msdeformattn, name).default
+
+
+def op_inputs(name, dtype=torch.float32):
+    value, shapes, starts, loc, attn = make_inputs(N=2, Lq=7, M=2, D=8, P=2, dtype=dtype)
+    args = [value, shapes, starts, loc, attn]
+    if name != "triton_forward":
+        g = torch.Generator().manual_seed(1)
+        args.insert(0, torch.randn(2, 7, 16, generator=g, dtype=torch.float64).to(dtype))
+    return [t.to(DEVICE) for t in args]
+
+
+@pytest.mark.parametrize("name", sorted(SCHEMAS))
+def test_kernel_ops_are_registered_with_their_schemas(name):
+    assert str(kernel_op(name)._schema) == SCHEMAS[name]
+
+
+@pytest.mark.parametrize("name", sorted(SCHEMAS))
+def test_kernel_ops_called_directly_give_the_reference_results(name):
+    args = op_inputs(name)
+    got = kernel_op(name)(*args)
+    if name == "triton_forward":
+        got, expected = [got], [run_ref(*[t.cpu() for t in args])]
+    else:
+        gout, *inputs = [t.cpu() for t in args]
+        expected = grads(run_ref, inputs, gout)[1:]
+    for g, e in zip(got, expected, strict=True):
+        torch.testing.assert_close(g.cpu(), e, **TOL[torch.float32])
+
+
+@pytest.mark.parametrize("name", sorted(SCHEMAS))
+def test_kernel_ops_pass_opcheck(name):
+    # Compiled kernels: the triton_ops, traced by test_aot_dispatch_*; interpreted
+    # kernels: the same operators opaque, with an allocation-only fake.
+    torch.library.opcheck(kernel_op(name), op_inputs(name))
+
+
+def test_kernel_ops_in_one_full_graph_give_the_eager_results():
+    """torch.compile(fullgraph=True) over the forward and the atomic backward: no graph break.
+
+    On a GPU AOTAutograd traces into the kernels (see the next test); under the
+    interpreter the operators are opaque nodes run as they are.
+    """
+    fwd, bwd = kernel_op("triton_forward"), kernel_op("triton_backward_atomic")
+
+    def both(gout, value, shapes, starts, loc, attn):
+        out = fwd(value, shapes, starts, loc, attn)
+        return (out * 2, *bwd(gout, value, shapes, starts, loc, attn))
+
+    args = op_inputs("triton_backward_atomic")
+    torch._dynamo.reset()
+    got = torch.compile(both, fullgraph=True, backend="aot_eager")(*args)
+    for g, e in zip(got, both(*args), strict=True):
+        torch.testing.assert_close(g, e, **TOL[torch.float32])
+
+
+# Run with the real compiler (TRITON_INTERPRET=0) and a stand-in sm_90 driver:
+# AOTAutograd decomposes the triton_ops into Triton's kernel-wrapper operator,
+# whose mutation analysis compiles each kernel to TTIR. Nothing is launched.
+_TRACE = """
+import json, sys
+import torch
+from torch._functorch.aot_autograd import aot_export_module
+from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table
+from triton.runtime.driver import driver
+from tests.conftest import make_inputs
+from tests.ops._triton_compile import _stand_in_driver
+from msdeformattn.ops import _triton_kernels  # noqa: F401
+
+driver.set_active(_stand_in_driver(90))
+value, shapes, starts, loc, attn = make_inputs(N=2, Lq=5, M=2, D=8, P=2, dtype=torch.float32)
+cases = {
+    "triton_forward": (value, shapes, starts, loc, attn),
+    "triton_backward_atomic": (torch.randn(2, 5, 16), value, shapes, starts, loc, attn),
+}
+report = {}
+for name, args in cases.items():
+    op = getattr(torch.ops.msdeformattn, name).default
+
+    class Mod(torch.nn.Module):
+        def forward(self, *args):
+            out = op(*args)
+            return out if isinstance(out, tuple) else (out,)
+
+    gm, _ = aot_export_module(Mod(), args, trace_joint=False, dynamic_shapes=True)
+    report[name] = [
+        [kernel_side_table.get_kernel(n.kwargs["kernel_idx"]).fn.__name__,
+         n.kwargs["tensors_to_clone"]]
+        for n in gm.graph.nodes
+        if "triton_kernel_wrapper" in str(n.target)
+    ]
+    report[name + " ops"] = sorted({str(n.target) for n in gm.graph.nodes if n.op == "call_function"})
+json.dump(report, sys.stdout)
+"""
+
+
+@pytest.mark.slow
+def test_forward_and_atomic_backward_trace_into_their_kernels():
+    """The traced route without a GPU: each triton_op becomes its allocations and one launch.
+
+    ``tensors_to_clone`` is what Triton's analysis finds written: the outputs,
+    and for the backward also loc and attn (its scatter addresses are computed
+    from values loaded from them, so the analysis cannot rule a write out).
+    """
+    root = Path(__file__).resolve().parents[2]
+    path = os.pathsep.join(
+        p for p in (str(root), str(root / "src"), os.environ.get("PYTHONPATH")) if p
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", _TRACE],
+        cwd=root,
+        env={**os.environ, "TRITON_INTERPRET": "0", "PYTHONPATH": path},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    report = json.loads(proc.stdout)
+    assert report["triton_forward"] == [["forward_kernel", ["out_ptr"]]]
+    [[kernel, cloned]] = report["triton_backward_atomic"]
+    assert kernel == "backward_kernel"
+    assert (
+        {"gvalue_ptr", "gloc_ptr", "gattn_ptr"}
+        <= set(cloned)
+        <= {"gvalue_ptr", "gloc_ptr", "gattn_ptr", "loc_ptr", "attn_ptr"}
+    )
+    for name in ("triton_forward", "triton_backward_atomic"):
+        # Decomposed: the operator itself is gone from the graph.
+        assert not any("msdeformattn" in op for op in report[name + " ops"]), report
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="Inductor compiles Triton kernels for a GPU only")
+def test_inductor_schedules_the_kernels_themselves():
+    from torch._inductor.utils import run_and_get_code
+
+    fwd = kernel_op("triton_forward")
+
+    def scaled(value, shapes, starts, loc, attn):
+        return fwd(value * 2, shapes, starts, loc, attn) + 1
+
+    args = op_inputs("triton_forward")
+    torch._dynamo.reset()
+    got, codes = run_and_get_code(torch.compile(scaled, fullgraph=True), *args)
+    torch.testing.assert_close(got, scaled(*args), **TOL[torch.float32])
+    # The user kernel is in Inductor's own code, not behind a call of the operator.
+    assert any("forward_kernel" in code for code in codes)
+    assert not any("torch.ops.msdeformattn" in code for code in codes)

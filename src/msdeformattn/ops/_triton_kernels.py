@@ -10,6 +10,13 @@ Index arithmetic is done in int64, so N*S*M*D > 2^31 is safe. Every gather
 and scatter is masked to the level it belongs to and to ``value``, so no
 input, a wrong level table included, makes a kernel leave its tensors.
 Under ``TRITON_INTERPRET=1`` the same kernels run on CPU tensors (tests).
+
+The launchers are operators of their own (registered on import):
+``msdeformattn::triton_forward`` and ``msdeformattn::triton_backward_atomic``
+are ``torch.library.triton_op``s, so torch.compile traces into their
+allocations and launches; ``msdeformattn::triton_backward_deterministic`` has
+data-dependent sizes and stays opaque. They hold no dispatch: the backend
+calls them on contiguous inputs.
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ from typing import NamedTuple
 import torch
 import triton
 import triton.language as tl
+from triton.runtime.jit import JITFunction
 
 from .reference import kernel_dtype
 
@@ -254,31 +262,84 @@ def _on(device: torch.device):
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
-def forward(value, shapes, starts, loc, attn) -> torch.Tensor:
-    N, S, M, D = value.shape
-    Lq, L, P = loc.shape[1], loc.shape[3], loc.shape[4]
-    dtype = kernel_dtype(value, loc, attn)
+def _kernel_op(name: str, fake):
+    """Register ``fn`` as the operator ``name``: a ``triton_op`` when the kernels are compiled.
+
+    A ``triton_op`` lets torch.compile trace into ``fn`` (its allocations and
+    ``wrap_triton`` launches) and Inductor schedule the kernels with the rest of
+    the graph; ``fn`` is also its fake implementation. Under
+    ``TRITON_INTERPRET=1`` the kernels are interpreted functions that nothing can
+    trace (on fake tensors ``fn`` would run them), so the operator is opaque
+    instead, with ``fake`` (allocation only) as its fake implementation.
+    """
+
+    def register(fn):
+        if isinstance(forward_kernel, JITFunction):
+            return torch.library.triton_op(name, fn, mutates_args=())
+        op = torch.library.custom_op(name, fn, mutates_args=())
+        op.register_fake(fake)
+        return op
+
+    return register
+
+
+def wrap_triton(kernel):
+    """``torch.library.wrap_triton(kernel)``; an interpreted kernel as it is.
+
+    torch before 2.12 refuses interpreted kernels, which are launched directly
+    either way. The name is the one torch looks for in a ``triton_op``'s source
+    to key its compile caches on the kernels' code.
+    """
+    return torch.library.wrap_triton(kernel) if isinstance(kernel, JITFunction) else kernel
+
+
+def _forward_buffer(value, loc, attn) -> torch.Tensor:
+    N, _, M, D = value.shape
     # A float64 sum is stored as float64 and rounded by torch: Triton's
     # interpreter gets a direct float64 -> bfloat16 conversion wrong.
-    out = torch.empty(
-        (N, Lq, M * D),
-        dtype=torch.float64 if dtype == torch.float64 else value.dtype,
-        device=value.device,
-    )
-    if out.numel() == 0:
-        return out.to(value.dtype)
-    cfg = launch_config(Lq, D, dtype)
-    grid = (triton.cdiv(Lq, cfg.block_q), M, N)
-    with _on(value.device):
-        forward_kernel[grid](
-            value, shapes, starts, loc, attn, out, Lq, S, M, L, P, D,
-            cfg.block_q, cfg.block_d, _TL[dtype], num_warps=cfg.num_warps,
-        )  # fmt: skip
+    dtype = torch.float64 if kernel_dtype(value, loc, attn) == torch.float64 else value.dtype
+    return value.new_empty((N, loc.shape[1], M * D), dtype=dtype)
+
+
+def _fake_forward(value, shapes, starts, loc, attn):
+    return _forward_buffer(value, loc, attn).to(value.dtype)
+
+
+@_kernel_op("msdeformattn::triton_forward", fake=_fake_forward)
+def forward(
+    value: torch.Tensor,
+    shapes: torch.Tensor,
+    starts: torch.Tensor,
+    loc: torch.Tensor,
+    attn: torch.Tensor,
+) -> torch.Tensor:
+    """The forward on contiguous inputs: (N, Lq, M*D) in value's dtype."""
+    N, S, M, D = value.shape
+    Lq, L, P = loc.shape[1], loc.shape[3], loc.shape[4]
+    out = _forward_buffer(value, loc, attn)
+    if out.numel():
+        dtype = kernel_dtype(value, loc, attn)
+        cfg = launch_config(Lq, D, dtype)
+        grid = (triton.cdiv(Lq, cfg.block_q), M, N)
+        with _on(value.device):
+            wrap_triton(forward_kernel)[grid](
+                value, shapes, starts, loc, attn, out, Lq, S, M, L, P, D,
+                cfg.block_q, cfg.block_d, _TL[dtype], num_warps=cfg.num_warps,
+            )  # fmt: skip
     return out.to(value.dtype)
 
 
-def backward(grad_output, value, shapes, starts, loc, attn, deterministic: bool):
-    """(grad_value, grad_loc, grad_attn) in the work dtype; the caller casts them."""
+def _fake_backward(grad_output, value, shapes, starts, loc, attn):
+    dtype = kernel_dtype(grad_output, value, loc, attn)
+    return (
+        value.new_empty(value.shape, dtype=dtype),
+        loc.new_empty(loc.shape, dtype=dtype),
+        attn.new_empty(attn.shape, dtype=dtype),
+    )
+
+
+def _grads(launch, grad_output, value, shapes, starts, loc, attn, atomic: bool):
+    """Allocate the gradients and run ``launch`` (backward_kernel, wrapped or not) into them."""
     N, S, M, D = value.shape
     Lq, L, P = loc.shape[1], loc.shape[3], loc.shape[4]
     dev = value.device
@@ -292,19 +353,61 @@ def backward(grad_output, value, shapes, starts, loc, attn, deterministic: bool)
     cfg = launch_config(Lq, D, dtype)
     grid = (triton.cdiv(Lq, cfg.block_q), M, N)
     with _on(dev):
-        backward_kernel[grid](
+        launch[grid](
             value, shapes, starts, loc, attn, grad_output, gvalue, gloc, gattn,
-            Lq, S, M, L, P, D, cfg.block_q, cfg.block_d, _TL[dtype], not deterministic,
+            Lq, S, M, L, P, D, cfg.block_q, cfg.block_d, _TL[dtype], atomic,
             num_warps=cfg.num_warps,
         )  # fmt: skip
-        if deterministic:
+    return gvalue, gloc, gattn
+
+
+@_kernel_op("msdeformattn::triton_backward_atomic", fake=_fake_backward)
+def _backward_atomic(
+    grad_output: torch.Tensor,
+    value: torch.Tensor,
+    shapes: torch.Tensor,
+    starts: torch.Tensor,
+    loc: torch.Tensor,
+    attn: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _grads(wrap_triton(backward_kernel), grad_output, value, shapes, starts, loc, attn, True)
+
+
+@torch.library.custom_op("msdeformattn::triton_backward_deterministic", mutates_args=())
+def _backward_deterministic(
+    grad_output: torch.Tensor,
+    value: torch.Tensor,
+    shapes: torch.Tensor,
+    starts: torch.Tensor,
+    loc: torch.Tensor,
+    attn: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Opaque to tracing: its sizes depend on the data (boolean indexing,
+    ``unique_consecutive``, a grid of ``rows.numel()`` programs)."""
+    grads = _grads(backward_kernel, grad_output, value, shapes, starts, loc, attn, False)
+    gvalue = grads[0]
+    if grad_output.numel():
+        with _on(value.device):
             # Images touch disjoint rows of grad_value: one at a time bounds the sort's memory.
-            for n in range(N):
+            for n in range(value.shape[0]):
                 b = slice(n, n + 1)
                 _grad_value_deterministic(
                     grad_output[b], value[b], shapes, starts, loc[b], attn[b], gvalue[b]
                 )
-    return gvalue, gloc, gattn
+    return grads
+
+
+_backward_deterministic.register_fake(_fake_backward)
+
+
+def backward(grad_output, value, shapes, starts, loc, attn, deterministic: bool):
+    """(grad_value, grad_loc, grad_attn) in the work dtype; the caller casts them.
+
+    Contiguous inputs. The atomic backward is a ``triton_op``; the deterministic
+    one stays an opaque operator.
+    """
+    op = _backward_deterministic if deterministic else _backward_atomic
+    return op(grad_output, value, shapes, starts, loc, attn)
 
 
 def _grad_value_deterministic(grad_output, value, shapes, starts, loc, attn, gvalue) -> None:

@@ -12,6 +12,12 @@ Testing without a GPU: with ``TRITON_INTERPRET=1`` set before the kernels
 are first used, Triton's interpreter runs the same kernels on CPU tensors.
 ``backend="triton"`` then accepts CPU tensors; ``backend=None`` never picks
 the interpreter, which is for tests only.
+
+The kernels' launchers are ``torch.library.triton_op``s (see
+:mod:`._triton_kernels`), but they run inside the opaque
+``msdeformattn::ms_deform_attn``, so torch.compile of the public function
+still sees one opaque node: only code calling ``torch.ops.msdeformattn.triton_*``
+directly is traced into the kernels today.
 """
 
 from __future__ import annotations
