@@ -427,3 +427,172 @@ def test_an_error_from_a_loader_worker_is_its_last_line():
         "data/train/a.jpg: not a readable image (truncated)\n"
     )
     assert _one_line(error) == "data/train/a.jpg: not a readable image (truncated)"
+
+
+# Semantic segmentation: --task segmentation on train, evaluate, predict and demo.
+
+
+def _segmentation_checkpoint(path, num_classes: int) -> None:
+    """A segmentation checkpoint as training writes one, untrained, for the error tests."""
+    import dataclasses
+
+    from msdeformattn.models import DeformableSegmenter, SegmenterConfig
+
+    config = SegmenterConfig.tiny(num_classes)
+    torch.save(
+        {"task": "segmentation", "config": dataclasses.asdict(config),
+         "model": DeformableSegmenter(config).state_dict(),
+         "class_names": [str(k) for k in range(num_classes)], "image_size": 64},
+        path,
+    )  # fmt: skip
+
+
+@pytest.mark.slow
+def test_segmentation_train_evaluate_predict(tmp_path, capsys):
+    import json
+
+    from msdeformattn.train.segmentation_data import generate_segmentation
+
+    data = generate_segmentation(tmp_path / "data", num_train=8, num_val=4, seed=0, size=96)
+    run = tmp_path / "run"
+    main(["train", "--task", "segmentation", "--data", str(data), "-o", str(run),
+          "--minutes", "0.05", "--epochs", "2", "--batch-size", "4", "--image-size", "48",
+          "--lr", "1e-3", "--seed", "1", "--device", "cpu"])  # fmt: skip
+    out = capsys.readouterr().out
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert json.loads(out[out.index("{") :]) == metrics
+    assert {"mIoU", "pixel_accuracy", "IoU/background", "IoU/ring"} <= set(metrics)
+    # No flags needed to match training: image size and classes come from the checkpoint.
+    main(["evaluate", "--task", "segmentation", str(run / "last.pt"), "--data", str(data)])
+    assert json.loads(capsys.readouterr().out) == pytest.approx(metrics, abs=1e-9)
+    image = data / "images" / "val" / "000001.png"
+    main(["predict", "--task", "segmentation", str(run / "last.pt"), str(image),
+          "-o", str(tmp_path / "pred")])  # fmt: skip
+    assert "wrote" in capsys.readouterr().out
+    # At the original resolution (96 px), not the 48 px the model saw.
+    picture = Image.open(tmp_path / "pred" / "000001_segmentation.png")
+    labels = np.asarray(Image.open(tmp_path / "pred" / "000001_labels.png"))
+    assert picture.size == (96, 96) and picture.mode == "RGB"
+    assert labels.shape == (96, 96) and labels.max() < 5
+    # A rerun into the same folder is refused; --overwrite replaces the run.
+    argv = ["train", "--task", "segmentation", "--data", str(data), "-o", str(run),
+            "--epochs", "1", "--batch-size", "4", "--image-size", "48"]  # fmt: skip
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    assert "already holds a run" in capsys.readouterr().err
+    main([*argv, "--overwrite"])
+    assert len((run / "log.jsonl").read_text().splitlines()) == 1
+
+
+@pytest.mark.slow
+def test_segmentation_demo_on_a_small_budget(tmp_path, capsys):
+    import json
+
+    out = tmp_path / "demo"
+    main(["demo", "--task", "segmentation", "-o", str(out), "--minutes", "0.05",
+          "--train-images", "8", "--val-images", "3", "--device", "cpu"])  # fmt: skip
+    printed = capsys.readouterr().out
+    assert "mIoU" in printed and "wrote" in printed
+    metrics = json.loads((out / "run" / "metrics.json").read_text())
+    assert json.loads((out / "metrics.json").read_text()) == metrics
+    assert all(v is None or 0 <= v <= 1 for v in metrics.values())
+    for name in ("predictions.png", "curves.png"):
+        assert (out / "run" / name).read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (
+            ["train", "--task", "segmentation", "--data", "{tmp}/nowhere", "-o", "{tmp}/run"],
+            "--data: .*nowhere does not exist",
+        ),
+        (
+            ["train", "--task", "segmentation", "--data", "{data}", "-o", "{tmp}/run",
+             "--init", "{tmp}/x.pt"],
+            "--task segmentation does not take --init \\(detection only\\)",
+        ),
+        (
+            ["train", "--task", "segmentation", "--data", "{data}", "-o", "{tmp}/run",
+             "--batch-size", "0"],
+            "--batch-size: .*must be > 0",
+        ),
+        (
+            ["train", "--task", "segmentation", "--data", "{data}", "-o", "{tmp}/run",
+             "--ema-decay", "0.9"],
+            "ema_decay: detection only",
+        ),
+        (
+            ["train", "--task", "segmentation", "--data", "{data}", "-o", "{tmp}/old"],
+            "--output .*old already holds a run \\(last.pt\\)",
+        ),
+        (["train", "--task", "panoptic", "--data", "{data}", "-o", "{tmp}/run"], "--task: invalid"),
+        (
+            ["evaluate", "--task", "segmentation", "{tmp}/missing.pt", "--data", "{data}"],
+            "checkpoint: .*missing.pt does not exist",
+        ),
+        (
+            ["evaluate", "--task", "segmentation", "{tmp}/detector.pt", "--data", "{data}"],
+            "checkpoint: .*detector.pt is not an msdeformattn segmentation checkpoint",
+        ),
+        (
+            ["evaluate", "--task", "segmentation", "{tmp}/corrupt.pt", "--data", "{data}"],
+            "checkpoint: .*corrupt.pt is not",
+        ),
+        (
+            ["evaluate", "--task", "segmentation", "{tmp}/three.pt", "--data", "{data}"],
+            "the checkpoint has 3 classes, the dataset 5",
+        ),
+        (
+            ["evaluate", "--task", "segmentation", "{tmp}/three.pt", "--data", "{tmp}/nowhere"],
+            "--data: .*nowhere does not exist",
+        ),
+        (
+            ["predict", "--task", "segmentation", "{tmp}/three.pt", "{tmp}/bad.json",
+             "-o", "{tmp}/p"],
+            "images: .*bad.json is not a readable image",
+        ),
+        (
+            ["predict", "--task", "segmentation", "{tmp}/three.pt", "{tmp}/none.png",
+             "-o", "{tmp}/p"],
+            "images: .*none.png does not exist",
+        ),
+    ],
+    ids=[
+        "data",
+        "detection-flag",
+        "batch-size",
+        "ema",
+        "output-holds-a-run",
+        "task",
+        "checkpoint",
+        "detection-checkpoint",
+        "corrupt-checkpoint",
+        "class-count",
+        "evaluate-data",
+        "image",
+        "missing-image",
+    ],
+)  # fmt: skip
+def test_segmentation_mistakes_are_one_line_and_exit_2(tmp_path, capsys, args, message):
+    import re
+
+    from msdeformattn.train.segmentation_data import generate_segmentation
+
+    data = generate_segmentation(tmp_path / "data", num_train=2, num_val=1, seed=0, size=96)
+    (tmp_path / "bad.json").write_text("{}")
+    (tmp_path / "corrupt.pt").write_bytes(b"PK\x03\x04 truncated")
+    config = DeformableDETRConfig.tiny(3)
+    save_checkpoint(tmp_path / "detector.pt", build_model(config), config)
+    _segmentation_checkpoint(tmp_path / "three.pt", 3)
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "last.pt").write_bytes(b"an earlier run")
+    argv = [a.format(tmp=tmp_path, data=data) for a in args]
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and re.search(message, err[0]), err
+    assert not (tmp_path / "run").exists()
+    assert (tmp_path / "old" / "last.pt").read_bytes() == b"an earlier run"

@@ -11,9 +11,10 @@ from pathlib import Path
 from typing import Any
 
 from ..models.deformable_detr import DeformableDETRConfig
+from ..models.segmenter import SegmenterConfig
 from ..util.errors import UsageError
 
-__all__ = ["PRESETS", "Preset", "TrainConfig", "load_json_config"]
+__all__ = ["PRESETS", "SEGMENTATION_PRESETS", "Preset", "TrainConfig", "load_json_config"]
 
 
 @dataclass(frozen=True)
@@ -103,7 +104,7 @@ class TrainConfig:
 class Preset:
     """A model and the recipe it trains with."""
 
-    model: Callable[[int], DeformableDETRConfig]
+    model: Callable[[int], DeformableDETRConfig | SegmenterConfig]
     train: TrainConfig
     description: str
 
@@ -143,6 +144,31 @@ PRESETS: dict[str, Preset] = {
         lambda k: DeformableDETRConfig(num_classes=k, with_box_refine=True, two_stage=True),
         _PAPER,
         "the paper's model with box refinement and two-stage proposals",
+    ),
+}
+
+#: Semantic segmentation's presets (``train_segmenter``, ``--task segmentation``).
+SEGMENTATION_PRESETS: dict[str, Preset] = {
+    "tiny": Preset(
+        SegmenterConfig.tiny,
+        TrainConfig(
+            lr=1e-3,
+            # Trained from scratch: the trunk learns at the full rate.
+            lr_backbone_factor=1.0,
+            weight_decay=1e-4,
+            clip_max_norm=1.0,
+            batch_size=8,
+            epochs=1000,
+            augmentation="simple",
+            image_size=160,
+            schedule="cosine",
+            min_lr_factor=0.05,
+            warmup_steps=50,
+            eval_every=2,
+            num_workers=1,
+        ),
+        "SegmenterConfig.tiny: d_model 64, 2 deformable layers, a small ResNet from scratch; "
+        "160 px (laptop CPU)",
     ),
 }
 

@@ -278,14 +278,14 @@ def build_loaders(
     return train_set, val_set, train_loader, val_loader
 
 
-def _atomic_save(obj: dict, path: Path) -> None:
+def atomic_save(obj: dict, path: Path) -> None:
     """torch.save to a temporary file renamed over ``path``: a crash never leaves half a file."""
     tmp = path.with_name(path.name + ".tmp")
     torch.save(obj, tmp)
     os.replace(tmp, path)
 
 
-def _check_output(output: Path, resume: bool, overwrite: bool) -> None:
+def check_output(output: Path, resume: bool, overwrite: bool) -> None:
     present = [name for name in RUN_FILES if (output / name).exists()]
     if resume and overwrite:
         raise UsageError("--resume continues a run, --overwrite replaces it: pass one")
@@ -298,7 +298,7 @@ def _check_output(output: Path, resume: bool, overwrite: bool) -> None:
         )
 
 
-def _clear_run(output: Path) -> None:
+def clear_run(output: Path) -> None:
     """Remove an earlier run's files (``--overwrite``); nothing else in the folder."""
     for name in (*RUN_FILES, "curves.png"):
         (output / name).unlink(missing_ok=True)
@@ -333,13 +333,13 @@ def train(
     """
     data, output = Path(data), Path(output)
     device = resolve_device(device)
-    _check_output(output, resume, overwrite)
+    check_output(output, resume, overwrite)
     rank, world, device = setup_distributed(device)
     main_process = rank == 0
     report = data_report or checked_dataset(data, verbose=progress and main_process)
     if main_process:
         if overwrite:
-            _clear_run(output)
+            clear_run(output)
         output.mkdir(parents=True, exist_ok=True)
     ckpt = None
     if resume:
@@ -490,9 +490,9 @@ def train(
         if improved:
             best_ap = record["AP"]
         state["best_ap"] = best_ap
-        _atomic_save(state, output / "last.pt")
+        atomic_save(state, output / "last.pt")
         if improved:
-            _atomic_save({**meta, "model": state["model"], "epoch": epoch}, output / "best.pt")
+            atomic_save({**meta, "model": state["model"], "epoch": epoch}, output / "best.pt")
         with open(log_path, "a") as log:
             log.write(json.dumps(record) + "\n")
         if progress:
