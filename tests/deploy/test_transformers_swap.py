@@ -9,6 +9,7 @@ from torch import nn
 from msdeformattn.deploy import FusedMultiScaleDeformableAttention, swap_into_transformers
 
 from ..models.conftest import hf_model, padded_batch, tiny_resnet
+from .conftest import assert_outputs_close, outputs, profiled_outputs
 
 pytest.importorskip("transformers")
 
@@ -33,8 +34,27 @@ def test_deformable_detr_outputs_unchanged(variant):
     torch.testing.assert_close(after.pred_boxes, before.pred_boxes, atol=1e-5, rtol=1e-4)
 
 
+def test_swapping_twice_is_harmless_and_our_op_runs():
+    model = hf_model()
+    images, valid = padded_batch()
+    inputs = {"pixel_values": images, "pixel_mask": valid}
+    before = outputs(model, inputs, ("logits", "pred_boxes"))
+    names = swap_into_transformers(model)
+    fused = [model.get_submodule(n) for n in names]
+    # The second call replaces nothing, reports the same sites, and sets their backend.
+    assert swap_into_transformers(model, backend="reference") == names
+    assert [model.get_submodule(n) for n in names] == fused
+    assert all(m.backend == "reference" for m in fused)
+    assert swap_into_transformers(model) == names
+    after, ops = profiled_outputs(model, inputs, ("logits", "pred_boxes"))
+    assert "msdeformattn::ms_deform_attn" in ops and "aten::grid_sample" not in ops
+    assert_outputs_close(after, before)
+
+
 def test_nothing_to_replace_is_an_error():
-    with pytest.raises(ValueError, match="holds no transformers MultiScaleDeformableAttention"):
+    with pytest.raises(
+        ValueError, match=r"^Sequential holds no transformers MultiScaleDeformableAttention"
+    ):
         swap_into_transformers(nn.Sequential(nn.Linear(2, 2)))
 
 
@@ -123,16 +143,10 @@ def test_grounding_dino_outputs_unchanged():
     torch.testing.assert_close(after.pred_boxes, before.pred_boxes, atol=1e-5, rtol=1e-4)
 
 
-def test_mask2former_pixel_decoder_outputs_unchanged(monkeypatch):
+def test_mask2former_pixel_decoder_outputs_unchanged(restore_transformers_functions):
     from transformers import Mask2FormerConfig, Mask2FormerForUniversalSegmentation
     from transformers.models.mask2former import modeling_mask2former
 
-    # The swap replaces a module-level function: restore it after the test.
-    monkeypatch.setattr(
-        modeling_mask2former,
-        "multi_scale_deformable_attention",
-        modeling_mask2former.multi_scale_deformable_attention,
-    )
     backbone = tiny_resnet(stages=("stage1", "stage2", "stage3", "stage4"))
     config = Mask2FormerConfig(
         backbone_config=backbone,
@@ -159,6 +173,9 @@ def test_mask2former_pixel_decoder_outputs_unchanged(monkeypatch):
     assert names == [
         "transformers.models.mask2former.modeling_mask2former.multi_scale_deformable_attention"
     ]
+    patched = modeling_mask2former.multi_scale_deformable_attention
+    assert swap_into_transformers(model) == names  # a second swap replaces nothing
+    assert modeling_mask2former.multi_scale_deformable_attention is patched
     with torch.no_grad():
         after = model(pixel_values=images)
     torch.testing.assert_close(
