@@ -30,6 +30,7 @@ peers: install
 
 bench: peers
 	$(PY) -m msdeformattn.bench
+	$(PY) -m msdeformattn.bench --rtdetr
 
 lint: install
 	$(VENV)/bin/ruff check src tests

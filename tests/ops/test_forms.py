@@ -5,6 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import msdeformattn
 
@@ -164,3 +166,23 @@ def test_compiles_without_graph_break_and_exports_to_onnx(tmp_path):
         None, {"v": value.numpy(), "l": loc.numpy(), "a": attn.numpy()}
     )[0]
     np.testing.assert_allclose(got, fn(value, loc, attn).numpy(), atol=1e-5, rtol=1e-4)
+
+
+@st.composite
+def uneven(draw):
+    L = draw(st.integers(1, 4))
+    levels = tuple((draw(st.integers(1, 7)), draw(st.integers(1, 7))) for _ in range(L))
+    points = [draw(st.integers(1, 5)) for _ in range(L)]
+    return dict(levels=levels, points=points, seed=draw(st.integers(0, 2**31 - 1)),
+                sampling=draw(st.sampled_from(["bilinear", "discrete"])))  # fmt: skip
+
+
+@pytest.mark.parametrize("target", BACKENDS)
+@settings(max_examples=15, deadline=None)
+@given(case=uneven())
+def test_uneven_point_lists_sweep(target, case):
+    points = case["points"]
+    inputs = per_level_inputs(points, case["levels"], torch.float32, case["seed"], N=1, Lq=3)
+    got = call(target, inputs, points_per_level=points, sampling=case["sampling"])
+    expected = naive_samples(*inputs, sample_levels(points), case["sampling"] == "discrete")
+    torch.testing.assert_close(got.double(), expected, **TOL[torch.float32])
