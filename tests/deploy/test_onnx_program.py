@@ -64,9 +64,14 @@ def test_exported_program_keeps_the_operator_opaque(layer, monkeypatch):
     assert OP in ops_in(program)
     # Shapes under dynamic sizes came from the fake kernel, not the decomposition.
     assert not calls
-    # The default decompositions (core ATen) leave it: torch.export users keep the kernel.
+    # The default decompositions (core ATen) and torch's global table leave it: torch.export
+    # and Inductor users keep the kernel. Only the ONNX exporter's table decomposes it.
     assert OP in ops_in(program.run_decompositions())
-    assert OP not in ops_in(program.run_decompositions(torch._decomp.decomposition_table))
+    assert OP not in torch._decomp.decomposition_table
+    from torch.onnx._internal.exporter import _decomp
+
+    onnx_table = _decomp.create_onnx_friendly_decomposition_table(set())
+    assert OP not in ops_in(program.run_decompositions(onnx_table))
     assert calls
 
 

@@ -6,11 +6,16 @@
 (``torch.export.export`` first, as transformers' exporter does) holds the
 registered operator ``msdeformattn::ms_deform_attn`` instead, for which ONNX
 has no function. Before translating, the exporter decomposes every operator it
-has no function for with the decompositions in torch's decomposition table;
-importing the package registers the same standard-op formulation there, so
+has no function for, with a table it builds on each call; importing the package
+adds the same standard-op formulation to that table (and to nothing else), so
 ``torch.onnx.export(torch.export.export(model, args))`` and
 ``torch.onnx.export(model, args)`` give graphs of the same standard operators,
 and the user passes nothing extra.
+
+Not torch's global decomposition table: Inductor refuses to fall back to a custom
+operator that has an entry there (an assertion whenever the ``CI`` environment
+variable is set), and fake tensors would trace the formulation instead of the
+operator's fake kernel.
 
 torch.export users keep the fused kernel: ``ExportedProgram.run_decompositions()``
 with its default table decomposes core ATen and CompositeImplicitAutograd
@@ -19,11 +24,11 @@ operators only, so the operator stays one opaque node.
 
 from __future__ import annotations
 
+import functools
 import warnings
 
 import torch
 
-from .op import _fake_forward
 from .traceable import traceable_forward
 
 __all__: list[str] = []
@@ -38,55 +43,42 @@ def _standard_ops(
     backend: str,
 ) -> torch.Tensor:
     """The operator's decomposition: (N, Lq, M*D) from standard ops, ``backend`` unused."""
-    if _only_shapes_wanted(value):
-        return _fake_forward(
-            value, spatial_shapes, level_start_index, sampling_locations, attention_weights, backend
-        )
     return traceable_forward(
         value, spatial_shapes, level_start_index, sampling_locations, attention_weights
     )
 
 
-def _only_shapes_wanted(value: torch.Tensor) -> bool:
-    """True when FakeTensorMode calls the decomposition just to propagate shapes.
-
-    Under dynamic shapes FakeTensorMode prefers a registered decomposition to
-    the operator's fake kernel, which would trace the whole standard-op
-    formulation on fake tensors at every call of a dynamic ``torch.compile``
-    or ``torch.export`` (slower, same shapes). No proxy mode is active then;
-    while a graph is being decomposed (the ONNX exporter) one is. Private
-    modules: if they move, this answers False (same shapes, slower tracing).
-    """
-    try:
-        from torch._subclasses.fake_tensor import FakeTensor
-        from torch.fx.experimental.proxy_tensor import get_proxy_mode
-    except ImportError:
-        return False
-    return isinstance(value, FakeTensor) and get_proxy_mode() is None
-
-
 def _register() -> None:
-    """Add :func:`_standard_ops` to the table the ONNX exporter decomposes with.
+    """Wrap the ONNX exporter's decomposition-table builder to add :func:`_standard_ops`.
 
-    ``torch._decomp`` is private, but there is no public hook: the exporter
-    builds its translation registry afresh on every call and reads custom
-    translations only from its ``custom_translation_table`` argument, while its
-    decomposition table is ``torch.export.default_decompositions()`` plus
-    ``torch._decomp.decomposition_table``. If a later torch moves that table,
-    this warns and the plain ``torch.onnx.export(model, ...)`` route keeps
-    working; only exporting an exported program fails, as it did before.
+    The builder is private (``torch.onnx._internal.exporter._decomp``) and there is
+    no public hook: the exporter takes custom translations only from its
+    ``custom_translation_table`` argument. If a later torch moves it, this warns and
+    the plain ``torch.onnx.export(model, ...)`` route keeps working; only exporting
+    an exported program fails, as it did before.
     """
     op = torch.ops.msdeformattn.ms_deform_attn.default
     try:
-        from torch._decomp import decomposition_table, register_decomposition
+        from torch.onnx._internal.exporter import _decomp
 
-        if op not in decomposition_table:
-            register_decomposition(op)(_standard_ops)
+        build = _decomp.create_onnx_friendly_decomposition_table
+        if getattr(build, "_msdeformattn", False):
+            return
+
+        @functools.wraps(build)
+        def with_ours(onnx_registered_ops):
+            table = build(onnx_registered_ops)
+            if op not in onnx_registered_ops:
+                table[op] = _standard_ops
+            return table
+
+        with_ours._msdeformattn = True
+        _decomp.create_onnx_friendly_decomposition_table = with_ours
     except Exception as error:  # any failure: exported programs fail as before, nothing else
         warnings.warn(
-            "msdeformattn: could not register the standard-op decomposition of "
-            f"{op} ({error!r}); torch.onnx.export of a torch.export program holding it "
-            "will fail (export the model itself instead)",
+            "msdeformattn: could not add the standard-op decomposition of "
+            f"{op} to the ONNX exporter ({error!r}); torch.onnx.export of a torch.export "
+            "program holding it will fail (export the model itself instead)",
             stacklevel=2,
         )
 
