@@ -38,6 +38,7 @@ __all__ = [
     "RandomSelect",
     "RandomSizeCrop",
     "Resize",
+    "SeededDataset",
     "collate",
     "detr_eval_transforms",
     "detr_train_transforms",
@@ -60,7 +61,30 @@ def _sample_seed(seed: int, epoch: int, index: int) -> int:
     return (seed * 1_000_003**2 + epoch * 1_000_003 + index) % (1 << 63)
 
 
-class CocoDetection(torch.utils.data.Dataset):
+class SeededDataset(torch.utils.data.Dataset):
+    """A dataset whose augmentation draws from one generator per (seed, epoch, index).
+
+    The epoch lives in shared memory, so ``set_epoch`` also reaches persistent
+    DataLoader workers (which keep their own copy of everything else).
+    """
+
+    def __init__(self, seed: int = 0) -> None:
+        self.seed = seed
+        self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
+
+    @property
+    def epoch(self) -> int:
+        return int(self._epoch)
+
+    def set_epoch(self, epoch: int) -> None:
+        self._epoch.fill_(epoch)
+
+    def generator(self, index: int) -> torch.Generator:
+        """Sample ``index``'s generator for the current epoch."""
+        return torch.Generator().manual_seed(_sample_seed(self.seed, self.epoch, index))
+
+
+class CocoDetection(SeededDataset):
     """``dataset[i] -> (image (3, H, W) float, target dict)`` from a COCO-format folder.
 
     target: ``boxes`` (T, 4) normalised cxcywh, ``labels`` (T,) in 0..K-1,
@@ -90,20 +114,11 @@ class CocoDetection(torch.utils.data.Dataset):
         self.category_ids = sorted(self.coco.cats)
         self.label_of = {c: i for i, c in enumerate(self.category_ids)}
         self.transforms = transforms
-        self.seed = seed
-        # Shared with worker processes, which keep their own copy of everything else.
-        self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
+        super().__init__(seed)
 
     @property
     def num_classes(self) -> int:
         return len(self.category_ids)
-
-    @property
-    def epoch(self) -> int:
-        return int(self._epoch)
-
-    def set_epoch(self, epoch: int) -> None:
-        self._epoch.fill_(epoch)
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -133,7 +148,7 @@ class CocoDetection(torch.utils.data.Dataset):
         }
         tensor = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)
         if self.transforms is not None:
-            generator = torch.Generator().manual_seed(_sample_seed(self.seed, self.epoch, index))
+            generator = self.generator(index)
             tensor, target = self.transforms(tensor, target, generator)
         h, w = tensor.shape[-2:]
         scale = torch.tensor([w, h, w, h], dtype=torch.float32)

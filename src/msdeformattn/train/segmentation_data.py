@@ -32,8 +32,8 @@ from .data import (
     Compose,
     Normalize,
     RandomResize,
+    SeededDataset,
     _check_probability,
-    _sample_seed,
     collate,
 )
 from .synthetic import CLASSES, _paint
@@ -123,7 +123,7 @@ def _files_by_stem(folder: Path, suffixes: Sequence[str]) -> dict[str, Path]:
     return files
 
 
-class SegmentationDataset(torch.utils.data.Dataset):
+class SegmentationDataset(SeededDataset):
     """``dataset[i] -> (image (3, H, W) float, target (H, W) int64)`` from a segmentation folder.
 
     Without transforms the image is in [0, 1] and ``target`` holds class indices
@@ -165,20 +165,11 @@ class SegmentationDataset(torch.utils.data.Dataset):
             segmentation_classes(self.root) if class_names is None else class_names
         )
         self.transforms = transforms
-        self.seed = seed
-        # Shared with worker processes, which keep their own copy of everything else.
-        self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
+        super().__init__(seed)
 
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
-
-    @property
-    def epoch(self) -> int:
-        return int(self._epoch)
-
-    def set_epoch(self, epoch: int) -> None:
-        self._epoch.fill_(epoch)
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -205,7 +196,7 @@ class SegmentationDataset(torch.utils.data.Dataset):
         tensor = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)
         target = torch.from_numpy(mask)
         if self.transforms is not None:
-            generator = torch.Generator().manual_seed(_sample_seed(self.seed, self.epoch, index))
+            generator = self.generator(index)
             tensor, target = self.transforms(tensor, target, generator)
         return tensor, target
 
