@@ -72,7 +72,7 @@ triton-op)
     # Only a GPU runs these as triton_ops (the interpreter makes them opaque):
     # opcheck's test_aot_dispatch_* trace them, Inductor compiles their kernels.
     $py -m pytest -q -rs --durations=10 tests/ops/test_triton.py \
-        -k "kernel_ops or trace_into or inductor" 2>&1 | tee "$out/triton_op.log"
+        -k "kernel_ops or trace_into or inductor or public" 2>&1 | tee "$out/triton_op.log"
     exit "${PIPESTATUS[0]}"
     ;;
 tests)

@@ -219,6 +219,58 @@ def test_kernel_ops_in_one_full_graph_give_the_eager_results():
         torch.testing.assert_close(g, e, **TOL[torch.float32])
 
 
+def _recording_backend(graphs: list):
+    """An aot_eager backend that keeps the forward and backward graphs it is given."""
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+
+    def record(gm, _):
+        graphs.append(gm)
+        return make_boxed_func(gm.forward)
+
+    return aot_autograd(fw_compiler=record, bw_compiler=record)
+
+
+def _reference_loss(*inputs):
+    return msdeformattn.ms_deform_attn(*inputs, backend="reference").square().sum()
+
+
+def _targets(gm) -> set[str]:
+    return {str(n.target) for n in gm.graph.nodes if n.op == "call_function"}
+
+
+@pytest.mark.parametrize("mode", ["atomic", "deterministic"])
+def test_public_function_compiles_to_the_kernel_operators(mode, request):
+    """torch.compile of ``ms_deform_attn(backend="triton")``: no opaque public operator.
+
+    The forward graph holds the forward kernel operator and the backward graph
+    the backward that the determinism flag selects; under the interpreter they
+    are opaque kernel operators, on a GPU Triton's kernel wrapper.
+    """
+    if mode == "deterministic":
+        request.getfixturevalue("deterministic")
+    inputs = [t.to(DEVICE) for t in make_inputs(N=2, Lq=7, M=2, D=8, P=2)]
+
+    def loss(value, shapes, starts, loc, attn):
+        out = msdeformattn.ms_deform_attn(value, shapes, starts, loc, attn, backend="triton")
+        return out.square().sum()
+
+    graphs: list = []
+    torch._dynamo.reset()
+    compiled = torch.compile(loss, fullgraph=True, backend=_recording_backend(graphs))
+    got = [t.cpu() for t in grads(compiled, inputs)]
+    for g, e in zip(got, grads(_reference_loss, [t.cpu() for t in inputs]), strict=True):
+        torch.testing.assert_close(g, e, **TOL[torch.float32])
+    fw, bw = (_targets(gm) for gm in graphs)
+    assert not any("ms_deform_attn" in t for t in fw | bw), (fw, bw)
+    kernel = "triton_kernel_wrapper" if DEVICE == "cuda" else "msdeformattn.triton_forward"
+    assert any(kernel in t for t in fw), fw
+    backward_op = f"msdeformattn.triton_backward_{mode}"
+    if DEVICE == "cuda" and mode == "atomic":
+        backward_op = "triton_kernel_wrapper"
+    assert any(backward_op in t for t in bw), bw
+
+
 # Run with the real compiler (TRITON_INTERPRET=0) and a stand-in sm_90 driver:
 # AOTAutograd decomposes the triton_ops into Triton's kernel-wrapper operator,
 # whose mutation analysis compiles each kernel to TTIR. Nothing is launched.
@@ -255,6 +307,41 @@ for name, args in cases.items():
         if "triton_kernel_wrapper" in str(n.target)
     ]
     report[name + " ops"] = sorted({str(n.target) for n in gm.graph.nodes if n.op == "call_function"})
+
+# The public function's route (ms_deform_attn picks it for backend="triton"):
+# the forward triton_op with its autograd rule, traced forward and backward on
+# fake tensors. ms_deform_attn itself refuses CPU tensors without the interpreter.
+from functorch.compile import aot_function, make_boxed_func
+from torch._subclasses.fake_tensor import FakeTensorMode
+from msdeformattn.ops import triton as triton_backend
+
+for mode in ("atomic", "deterministic"):
+    torch.use_deterministic_algorithms(mode == "deterministic")
+    graphs = []
+
+    def record(gm, _):
+        graphs.append(gm)
+        return make_boxed_func(gm.forward)
+
+    route = aot_function(
+        lambda *a: triton_backend.apply(*a).square().sum(), fw_compiler=record, bw_compiler=record
+    )
+    with FakeTensorMode() as fake:
+        args = [fake.from_tensor(t) for t in (value, shapes, starts, loc, attn)]
+        for i in (0, 3, 4):
+            args[i].requires_grad_(True)
+        route(*args).backward()
+    report["apply " + mode] = [
+        sorted(
+            kernel_side_table.get_kernel(n.kwargs["kernel_idx"]).fn.__name__
+            if "triton_kernel_wrapper" in str(n.target) else str(n.target)
+            for n in gm.graph.nodes
+            if n.op == "call_function" and (
+                "triton_kernel_wrapper" in str(n.target) or "msdeformattn" in str(n.target)
+            )
+        )
+        for gm in graphs
+    ]
 json.dump(report, sys.stdout)
 """
 
@@ -292,6 +379,13 @@ def test_forward_and_atomic_backward_trace_into_their_kernels():
     for name in ("triton_forward", "triton_backward_atomic"):
         # Decomposed: the operator itself is gone from the graph.
         assert not any("msdeformattn" in op for op in report[name + " ops"]), report
+    # The differentiable route: forward and atomic backward each one launch of
+    # their kernel; the deterministic backward stays its opaque operator.
+    assert report["apply atomic"] == [["forward_kernel"], ["backward_kernel"]], report
+    assert report["apply deterministic"] == [
+        ["forward_kernel"],
+        ["msdeformattn.triton_backward_deterministic.default"],
+    ], report
 
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="Inductor compiles Triton kernels for a GPU only")
@@ -309,4 +403,29 @@ def test_inductor_schedules_the_kernels_themselves():
     torch.testing.assert_close(got, scaled(*args), **TOL[torch.float32])
     # The user kernel is in Inductor's own code, not behind a call of the operator.
     assert any("forward_kernel" in code for code in codes)
+    assert not any("torch.ops.msdeformattn" in code for code in codes)
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="Inductor compiles Triton kernels for a GPU only")
+def test_inductor_compiles_the_public_function_into_its_kernels():
+    from torch._inductor.utils import run_and_get_code
+
+    inputs = make_inputs(N=2, Lq=7, M=2, D=8, P=2)
+
+    def loss(value, shapes, starts, loc, attn):
+        out = msdeformattn.ms_deform_attn(value, shapes, starts, loc, attn, backend="triton")
+        return out.square().sum()
+
+    torch._dynamo.reset()
+    compiled = torch.compile(loss, fullgraph=True)
+    cuda_inputs = [t.to(DEVICE) for t in inputs]
+
+    def step():
+        return [g.cpu() for g in grads(compiled, cuda_inputs)]
+
+    got, codes = run_and_get_code(step)
+    for g, e in zip(got, grads(_reference_loss, inputs), strict=True):
+        torch.testing.assert_close(g, e, **TOL[torch.float32])
+    assert any("forward_kernel" in code for code in codes)
+    assert any("backward_kernel" in code for code in codes)
     assert not any("torch.ops.msdeformattn" in code for code in codes)

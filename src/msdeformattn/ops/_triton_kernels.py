@@ -16,7 +16,9 @@ The launchers are operators of their own (registered on import):
 are ``torch.library.triton_op``s, so torch.compile traces into their
 allocations and launches; ``msdeformattn::triton_backward_deterministic`` has
 data-dependent sizes and stays opaque. They hold no dispatch: the backend
-calls them on contiguous inputs.
+calls them on contiguous inputs. The forward operator is differentiable: its
+backward is the atomic operator, or the deterministic one under
+``torch.use_deterministic_algorithms``.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import triton.language as tl
 from triton.runtime.jit import JITFunction
 
 from .reference import kernel_dtype
+from .registry import cast_grads
 
 
 @triton.jit
@@ -408,6 +411,30 @@ def backward(grad_output, value, shapes, starts, loc, attn, deterministic: bool)
     """
     op = _backward_deterministic if deterministic else _backward_atomic
     return op(grad_output, value, shapes, starts, loc, attn)
+
+
+def _setup_context(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _backward(ctx, grad_output):
+    value, shapes, starts, loc, attn = ctx.saved_tensors
+    grads = backward(
+        grad_output.contiguous(),
+        value,
+        shapes,
+        starts,
+        loc,
+        attn,
+        # Read while the backward is traced: Dynamo guards on the flag.
+        deterministic=torch.are_deterministic_algorithms_enabled(),
+    )
+    grad_value, grad_loc, grad_attn = cast_grads(grads, value, loc, attn)
+    return grad_value, None, None, grad_loc, grad_attn
+
+
+# On import, not on first call: torch.compile cannot trace a registration.
+forward.register_autograd(_backward, setup_context=_setup_context)
 
 
 def _grad_value_deterministic(grad_output, value, shapes, starts, loc, attn, gvalue) -> None:

@@ -3,7 +3,9 @@
 Every backend runs behind one ``torch.library`` operator, so ``torch.compile``
 sees one opaque node with a fake implementation (no graph break),
 ``torch.library.opcheck`` can test the registration, and autograd goes
-through an explicit backward operator that saves only the inputs.
+through an explicit backward operator that saves only the inputs. The one
+exception is the public function on the ``triton`` backend: it calls that
+backend's own ``triton_op``s, which torch.compile traces into.
 """
 
 from __future__ import annotations
@@ -195,6 +197,16 @@ def ms_deform_attn(
     name = resolve(
         value, spatial_shapes, level_start_index, sampling_locations, attention_weights, backend
     ).backend
+    if name == "triton":
+        # The kernel operators themselves, not the opaque operator around them:
+        # torch.compile then traces into the launches (see .triton).
+        return triton.apply(
+            value,
+            spatial_shapes.long(),
+            level_start_index.long(),
+            sampling_locations,
+            attention_weights,
+        )
     return _ms_deform_attn(
         value,
         spatial_shapes.long(),

@@ -14,10 +14,13 @@ are first used, Triton's interpreter runs the same kernels on CPU tensors.
 the interpreter, which is for tests only.
 
 The kernels' launchers are ``torch.library.triton_op``s (see
-:mod:`._triton_kernels`), but they run inside the opaque
-``msdeformattn::ms_deform_attn``, so torch.compile of the public function
-still sees one opaque node: only code calling ``torch.ops.msdeformattn.triton_*``
-directly is traced into the kernels today.
+:mod:`._triton_kernels`). :func:`apply` is the route the public function takes
+once it has picked this backend: the forward triton_op with an autograd rule
+whose backward is the atomic triton_op (or the opaque deterministic operator),
+so torch.compile of a model traces into the kernels' allocations and launches
+and Inductor schedules them with the rest of the graph, instead of one opaque
+``msdeformattn::ms_deform_attn`` node. Calling that operator directly with
+``backend="triton"`` still runs the same kernels, opaquely.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ import torch
 
 from .registry import Backend, cast_grads, register
 
-__all__ = ["TritonBackend"]
+__all__ = ["TritonBackend", "apply"]
 
 
 def interpreter_on() -> bool:
@@ -43,6 +46,15 @@ def _kernels():
 
 def _contiguous(*tensors: torch.Tensor) -> list[torch.Tensor]:
     return [t.contiguous() for t in tensors]
+
+
+def apply(*inputs: torch.Tensor) -> torch.Tensor:
+    """The forward as the kernel operators themselves, differentiable: (N, Lq, M*D).
+
+    ``inputs`` are :func:`~msdeformattn.ms_deform_attn`'s five tensors, checked
+    (the public function validates and picks the backend first).
+    """
+    return _kernels().forward(*_contiguous(*inputs))
 
 
 class TritonBackend(Backend):
@@ -68,7 +80,7 @@ class TritonBackend(Backend):
         return []
 
     def forward(self, *inputs):
-        return _kernels().forward(*_contiguous(*inputs))
+        return apply(*inputs)
 
     def backward(self, grad_output, *inputs):
         grads = _kernels().backward(
