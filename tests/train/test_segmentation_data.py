@@ -22,7 +22,7 @@ from msdeformattn.train.segmentation_data import (
     segmentation_eval_transforms,
     segmentation_train_transforms,
 )
-from msdeformattn.train.synthetic import CLASSES
+from msdeformattn.train.synthetic import CLASSES, generate
 from msdeformattn.util.errors import UsageError
 
 from .conftest import segmentation_sample
@@ -89,6 +89,32 @@ def test_generator_masks_follow_the_painted_shapes(synthetic):
         inside.append(step[~boundary & (mask[:, 1:] > 0)])  # inside shapes: flat colour
     assert seen <= set(range(len(CLASSES) + 1)) and 0 in seen and len(seen) >= 3
     assert np.concatenate(across).mean() > 5 * np.concatenate(inside).mean()
+
+
+@pytest.mark.parametrize("size", [32, 48, 64])
+def test_generators_paint_small_images(tmp_path, size):
+    """Objects shrink to fit images under 70 px; every label is a class, every image full."""
+    root = generate_segmentation(tmp_path / "seg", num_train=4, num_val=1, seed=0, size=size)
+    labels = set()
+    for path in sorted((root / "annotations" / "train").glob("*.png")):
+        mask = np.asarray(Image.open(path))
+        assert mask.shape == (size, size)
+        labels |= set(np.unique(mask).tolist())
+    assert labels <= set(range(len(CLASSES) + 1)) and labels - {0}
+    det = generate(tmp_path / "det", num_train=4, num_val=1, seed=0, size=size)
+    boxes = json.loads((det / "annotations/instances_train.json").read_text())["annotations"]
+    assert boxes and all(
+        x >= 0 and y >= 0 and x + w <= size and y + h <= size
+        for x, y, w, h in (a["bbox"] for a in boxes)
+    )
+
+
+@pytest.mark.parametrize("size", [31, 0, -5, 64.0, True])
+def test_generators_refuse_sizes_they_cannot_paint(tmp_path, size):
+    for make in (generate_segmentation, generate):
+        with pytest.raises(ValueError, match=r"size must be an integer >= 32"):
+            make(tmp_path / "x", num_train=1, num_val=1, size=size)
+    assert not (tmp_path / "x").exists()
 
 
 # --- the reader ------------------------------------------------------------------------

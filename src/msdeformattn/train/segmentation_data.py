@@ -36,7 +36,7 @@ from .data import (
     _check_probability,
     collate,
 )
-from .synthetic import CLASSES, _paint
+from .synthetic import CLASSES, _paint, check_size
 
 __all__ = [
     "IGNORE_INDEX",
@@ -300,6 +300,7 @@ def generate_segmentation(
     Masks are exact: a pixel is labelled with the shape painted last over its centre,
     which is the colour it shows. Everything depends on the seed alone.
     """
+    check_size(size)
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     (root / "classes.json").write_text(json.dumps(["background", *CLASSES]))

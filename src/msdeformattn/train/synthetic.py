@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-__all__ = ["CLASSES", "generate"]
+__all__ = ["CLASSES", "MIN_SIZE", "check_size", "generate"]
 
 CLASSES = ("rectangle", "ellipse", "triangle", "ring")
 
@@ -69,6 +69,16 @@ def _iou(a, b) -> float:
     return inter / (aw * ah + bw * bh - inter)
 
 
+#: The smallest image the generators paint: objects are at least 12 px wide.
+MIN_SIZE = 32
+
+
+def check_size(size: int) -> None:
+    """Refuse an image size the generators cannot paint objects into."""
+    if isinstance(size, bool) or not isinstance(size, int) or size < MIN_SIZE:
+        raise ValueError(f"size must be an integer >= {MIN_SIZE} (pixels), got {size!r}")
+
+
 def _paint(
     rng: np.random.Generator, size: int, max_overlap: float
 ) -> tuple[np.ndarray, np.ndarray, list[int]]:
@@ -82,7 +92,8 @@ def _paint(
     placed = []  # (kind, box drawn in)
     for _ in range(rng.integers(1, 6)):
         for _attempt in range(20):
-            w, h = rng.uniform(12, 70, size=2)
+            # Up to 70 px, or the whole image when it is smaller.
+            w, h = rng.uniform(12, min(70, size), size=2)
             box = (rng.uniform(0, size - w), rng.uniform(0, size - h), w, h)
             if all(_iou(box, other) <= max_overlap for _, other in placed):
                 break
@@ -128,6 +139,7 @@ def generate(
     Objects painted later cover earlier ones; boxes are the visible pixels'
     extent, so an object partly hidden keeps a box around what shows.
     """
+    check_size(size)
     root = Path(root)
     (root / "annotations").mkdir(parents=True, exist_ok=True)
     categories = [{"id": i + 1, "name": n, "supercategory": "shape"} for i, n in enumerate(CLASSES)]
