@@ -9,7 +9,26 @@ from typing import Any
 
 from ..util.errors import UsageError
 
-__all__ = ["DeformableDETRConfig", "config_from_dict"]
+__all__ = ["DeformableDETRConfig", "check_choices", "check_positive_ints", "config_from_dict"]
+
+
+def check_choices(config: Any, choices: Mapping[str, tuple[str, ...]]) -> None:
+    """Refuse a field of ``config`` whose value is not among its ``choices``."""
+    for name, allowed in choices.items():
+        if getattr(config, name) not in allowed:
+            raise UsageError(f"{name} must be one of {allowed}, got {getattr(config, name)!r}")
+
+
+def check_positive_ints(
+    config: Any, names: tuple[str, ...], hints: Mapping[str, str] | None = None
+) -> None:
+    """Refuse a field of ``config`` that is not an integer >= 1 (``hints`` adds a word on one)."""
+    for name in names:
+        value = getattr(config, name)
+        # bool is an int to Python, but True layers is a mistake.
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            hint = (hints or {}).get(name, "")
+            raise UsageError(f"{name} must be a positive integer, got {value!r}{hint}")
 
 
 @dataclass(frozen=True)
@@ -47,18 +66,15 @@ class DeformableDETRConfig:
     attention: str = "deformable"
 
     def __post_init__(self) -> None:
-        choices = {
-            "backbone_norm": ("frozen", "batch"),
-            "backbone_block": ("basic", "bottleneck"),
-            "attention": ("deformable", "dense"),
-        }
-        for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
-                raise UsageError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
-        for name in ("num_classes", "d_model", "nheads", "dec_layers", "num_queries"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise UsageError(f"{name} must be a positive integer, got {value!r}")
+        check_choices(
+            self,
+            {
+                "backbone_norm": ("frozen", "batch"),
+                "backbone_block": ("basic", "bottleneck"),
+                "attention": ("deformable", "dense"),
+            },
+        )
+        check_positive_ints(self, ("num_classes", "d_model", "nheads", "dec_layers", "num_queries"))
         if self.two_stage and self.attention == "dense":
             raise UsageError("two_stage runs on deformable attention only (attention='dense')")
         if self.two_stage and not self.with_box_refine:

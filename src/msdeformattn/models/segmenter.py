@@ -15,7 +15,7 @@ from torch import nn
 
 from ..util.errors import UsageError
 from .backbone import ResNet
-from .config import DeformableDETRConfig
+from .config import DeformableDETRConfig, check_choices, check_positive_ints
 from .deformable_detr import build_trunk
 from .pixel_decoder import MSDeformAttnPixelDecoder
 
@@ -65,14 +65,20 @@ class SegmenterConfig:
 
     def __post_init__(self) -> None:
         _trunk_config(self)  # the detector's checks of the trunk fields
-        if self.decoder not in ("deformable", "fpn"):
-            raise UsageError(f"decoder must be one of ('deformable', 'fpn'), got {self.decoder!r}")
-        positive = ("num_classes", "d_model", "mask_dim", "nheads", "n_points", "enc_layers")
-        for name in (*positive, "dim_feedforward"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                hint = " (decoder='fpn' is the model without them)" if name == "enc_layers" else ""
-                raise UsageError(f"{name} must be a positive integer, got {value!r}{hint}")
+        check_choices(self, {"decoder": ("deformable", "fpn")})
+        check_positive_ints(
+            self,
+            (
+                "num_classes",
+                "d_model",
+                "mask_dim",
+                "nheads",
+                "n_points",
+                "enc_layers",
+                "dim_feedforward",
+            ),
+            hints={"enc_layers": " (decoder='fpn' is the model without them)"},
+        )
         if self.d_model % 32 != 0:
             raise UsageError(
                 f"d_model must be a multiple of 32 (GroupNorm's groups), got {self.d_model}"
