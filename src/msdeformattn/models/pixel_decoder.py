@@ -113,15 +113,7 @@ class _EncoderOnly(nn.Module):
         """srcs, pos: L maps (N, C, H_l, W_l); masks: L (N, H_l, W_l) True on padding
         -> the encoded maps, L (N, C, H_l, W_l)."""
         flat = flatten_levels(srcs, masks, pos, self.level_embed)
-        memory = self.encoder(
-            flat.src,
-            flat.spatial_shapes,
-            flat.level_start_index,
-            flat.valid_ratios,
-            flat.pos,
-            flat.mask,
-            flat.shapes,
-        )
+        memory = self.encoder.encode(flat)
         N, _, C = memory.shape
         levels = memory.split([h * w for h, w in flat.shapes], 1)
         return [

@@ -15,6 +15,7 @@ from torch import nn
 
 from .attention import MSDeformAttn
 from .blocks import (
+    FlatLevels,
     activation_fn,
     clones,
     feed_forward,
@@ -144,6 +145,18 @@ class DeformableTransformerEncoder(nn.Module):
                 output, pos, reference_points, spatial_shapes, level_start_index, padding_mask
             )
         return output
+
+    def encode(self, flat: FlatLevels) -> torch.Tensor:
+        """``forward`` on the levels :func:`flatten_levels` gives: memory (N, S, C)."""
+        return self(
+            flat.src,
+            flat.spatial_shapes,
+            flat.level_start_index,
+            flat.valid_ratios,
+            flat.pos,
+            flat.mask,
+            flat.shapes,
+        )
 
 
 class DeformableTransformerDecoderLayer(nn.Module):
@@ -390,15 +403,7 @@ class DeformableTransformer(nn.Module):
         if not self.two_stage and query_embed is None:
             raise ValueError("query_embed (Q, 2*d_model) is required unless two_stage=True")
         flat = flatten_levels(srcs, masks, pos_embeds, self.level_embed)
-        memory = self.encoder(
-            flat.src,
-            flat.spatial_shapes,
-            flat.level_start_index,
-            flat.valid_ratios,
-            flat.pos,
-            flat.mask,
-            flat.shapes,
-        )
+        memory = self.encoder.encode(flat)
         mask_flatten, shapes = flat.mask, flat.shapes
         N, _, C = memory.shape
         enc_class = enc_coord_unact = None
