@@ -191,6 +191,10 @@ def test_train_evaluate_visualize_predict(tmp_path, capsys):
             "the checkpoint has 3 classes, the dataset 4 categories",
         ),
         (["predict", "{tmp}/three.pt", "{tmp}/bad.json", "-o", "{tmp}/p"], "bad.json is not"),
+        (
+            ["train", "--data", "{data}", "-o", "{tmp}/old", "--resume"],
+            "--resume: .*old/last.pt is not a training run's last.pt",
+        ),
     ],
     ids=[
         "data",
@@ -210,6 +214,7 @@ def test_train_evaluate_visualize_predict(tmp_path, capsys):
         "foreign-checkpoint",
         "class-count",
         "image",
+        "resume-corrupt-last",
     ],
 )
 def test_user_mistakes_are_one_line_and_exit_2(tmp_path, capsys, args, message):
@@ -558,6 +563,21 @@ def test_segmentation_demo_on_a_small_budget(tmp_path, capsys):
              "-o", "{tmp}/p"],
             "images: .*none.png does not exist",
         ),
+        (
+            ["train", "--task", "segmentation", "--data", "{data}", "-o", "{tmp}/run",
+             "--resume"],
+            "--resume: .*run.last.pt does not exist, nothing to resume",
+        ),
+        (
+            ["train", "--task", "segmentation", "--data", "{data}", "-o", "{tmp}/run",
+             "--resume", "--lr", "0.1"],
+            "--resume continues the run as configured: drop --lr",
+        ),
+        (
+            ["train", "--task", "segmentation", "--data", "{data}", "-o", "{tmp}/old",
+             "--resume", "--overwrite"],
+            "--resume continues a run, --overwrite replaces it: pass one",
+        ),
     ],
     ids=[
         "data",
@@ -573,6 +593,9 @@ def test_segmentation_demo_on_a_small_budget(tmp_path, capsys):
         "evaluate-data",
         "image",
         "missing-image",
+        "resume",
+        "resume-flags",
+        "resume-and-overwrite",
     ],
 )  # fmt: skip
 def test_segmentation_mistakes_are_one_line_and_exit_2(tmp_path, capsys, args, message):
@@ -596,3 +619,45 @@ def test_segmentation_mistakes_are_one_line_and_exit_2(tmp_path, capsys, args, m
     assert len(err) == 1 and re.search(message, err[0]), err
     assert not (tmp_path / "run").exists()
     assert (tmp_path / "old" / "last.pt").read_bytes() == b"an earlier run"
+
+
+def test_resuming_a_run_of_the_other_task_is_one_line_and_exit_2(tmp_path, capsys):
+    import dataclasses
+
+    from msdeformattn.train.config import TrainConfig
+    from msdeformattn.train.segmentation_data import generate_segmentation
+
+    data = generate_segmentation(tmp_path / "data", num_train=2, num_val=1, seed=0, size=96)
+    (tmp_path / "det").mkdir()
+    # What --resume reads first of a detection run's last.pt (which has no task entry).
+    saved = {"train_config": dataclasses.asdict(TrainConfig()), "epoch": 0, "elapsed": 1.0}
+    torch.save(saved, tmp_path / "det" / "last.pt")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--task", "segmentation", "--data", str(data), "-o",
+              str(tmp_path / "det"), "--resume"])  # fmt: skip
+    assert exit_info.value.code == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert "last.pt is a detection run; resume it with --task detection" in line
+    assert sorted(p.name for p in (tmp_path / "det").iterdir()) == ["last.pt"]
+
+
+@pytest.mark.slow
+def test_segmentation_resume_continues_to_the_new_total(tmp_path, capsys):
+    import json
+
+    from msdeformattn.train.segmentation_data import generate_segmentation
+
+    data = generate_segmentation(tmp_path / "data", num_train=4, num_val=2, seed=0, size=96)
+    run = tmp_path / "run"
+    main(["train", "--task", "segmentation", "--data", str(data), "-o", str(run),
+          "--epochs", "1", "--batch-size", "4", "--image-size", "48", "--device", "cpu"])  # fmt: skip
+    capsys.readouterr()
+    resume = ["train", "--task", "segmentation", "--data", str(data), "-o", str(run), "--resume"]
+    with pytest.raises(SystemExit) as exit_info:
+        main(resume)
+    assert exit_info.value.code == 2
+    assert "the run finished its 1 epochs" in capsys.readouterr().err
+    main([*resume, "--epochs", "2"])
+    assert "epoch 2/2" in capsys.readouterr().out
+    epochs = [json.loads(x)["epoch"] for x in (run / "log.jsonl").read_text().splitlines()]
+    assert epochs == [0, 1]

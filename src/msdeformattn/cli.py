@@ -158,6 +158,7 @@ def _resumed_config(args: argparse.Namespace):
     """The saved run's TrainConfig with the new --epochs/--minutes (both totals)."""
     from .models.config import config_from_dict
     from .train.config import TrainConfig
+    from .train.run_folder import read_last
 
     given = [flag for name, flag in _RUN_FLAGS.items() if getattr(args, name) not in (None, False)]
     if given:
@@ -169,7 +170,7 @@ def _resumed_config(args: argparse.Namespace):
     if not path.exists():
         raise UsageError(f"--resume: {path} does not exist, nothing to resume")
     # Memory-mapped: train() reads the whole checkpoint again; here only a few entries count.
-    saved = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    saved = read_last(Path(args.output), args.task, mmap=True)
     base = config_from_dict(saved["train_config"], TrainConfig)
     cfg = dataclasses.replace(
         base,
@@ -413,7 +414,7 @@ def _demo(args: argparse.Namespace) -> None:
 #: Train flags that only detection reads.
 _DETECTION_FLAGS = {
     "model": "--model", "init": "--init", "backbone_weights": "--backbone-weights",
-    "with_box_refine": "--with-box-refine", "two_stage": "--two-stage", "resume": "--resume",
+    "with_box_refine": "--with-box-refine", "two_stage": "--two-stage",
 }  # fmt: skip
 
 
@@ -434,16 +435,27 @@ def _train_segmentation(args: argparse.Namespace) -> None:
     if given:
         raise UsageError(f"--task segmentation does not take {', '.join(given)} (detection only)")
     data = _segmentation_data(args.data)
+    if args.overwrite and args.resume:
+        raise UsageError("--resume continues a run, --overwrite replaces it: pass one")
     preset = SEGMENTATION_PRESETS["tiny"]
-    cfg = _train_config(args, preset.train)
-    config = None  # the preset's model with the dataset's classes
-    if args.model_config or args.backbone_norm:
-        base = preset.model(len(segmentation_classes(data)))
-        config = load_json_config(
-            SegmenterConfig, args.model_config, base, backbone_norm=args.backbone_norm
-        )
+    config = None  # the preset's model with the dataset's classes; a resumed run's own
+    if args.resume:
+        cfg = _resumed_config(args)
+    else:
+        cfg = _train_config(args, preset.train)
+        if args.model_config or args.backbone_norm:
+            base = preset.model(len(segmentation_classes(data)))
+            config = load_json_config(
+                SegmenterConfig, args.model_config, base, backbone_norm=args.backbone_norm
+            )
     metrics = train_segmenter(
-        data, args.output, config, cfg, device=args.device, overwrite=args.overwrite
+        data,
+        args.output,
+        config,
+        cfg,
+        device=args.device,
+        overwrite=args.overwrite,
+        resume=args.resume,
     )
     print(json.dumps(metrics, indent=1))
 

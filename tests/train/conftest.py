@@ -1,4 +1,5 @@
-"""A COCO folder of the kind people have, shared by the data-check and command-line tests."""
+"""Shared by the training tests: a COCO folder of the kind people have (data checks, the
+command line), a segmentation sample writer, and the comparison of two run folders."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image
 
 
@@ -65,3 +67,43 @@ def segmentation_sample(
         image = rng.integers(0, 255, (*mask.shape, 3), dtype=np.uint8)
     Image.fromarray(image).save(root / "images" / split / (stem + suffix))
     Image.fromarray(mask.astype(np.uint8)).save(root / "annotations" / split / (stem + ".png"))
+
+
+#: Log entries that time the run rather than describe its training.
+CLOCK_ENTRIES = ("images_per_s", "elapsed_s")
+
+
+def assert_same_training(a: Path, b: Path) -> None:
+    """Two run folders trained identically, to the bit: every entry of ``last.pt`` (weights,
+    optimiser and schedule states, RNG states, best metric) but the clock, and every log
+    line but its timings."""
+    first, second = (torch.load(run / "last.pt", weights_only=True) for run in (a, b))
+    _assert_equal(
+        {k: v for k, v in first.items() if k != "elapsed"},
+        {k: v for k, v in second.items() if k != "elapsed"},
+        "last.pt",
+    )
+    logs = [
+        [
+            {k: v for k, v in json.loads(line).items() if k not in CLOCK_ENTRIES}
+            for line in (run / "log.jsonl").read_text().splitlines()
+        ]
+        for run in (a, b)
+    ]
+    assert logs[0] == logs[1]
+
+
+def _assert_equal(x, y, where: str) -> None:
+    """``x == y`` through nested dicts, lists and tuples, tensors equal in dtype and value."""
+    if torch.is_tensor(x):
+        assert torch.is_tensor(y) and x.dtype == y.dtype and torch.equal(x, y), where
+    elif isinstance(x, dict):
+        assert isinstance(y, dict) and x.keys() == y.keys(), where
+        for key in x:
+            _assert_equal(x[key], y[key], f"{where}[{key!r}]")
+    elif isinstance(x, list | tuple):
+        assert isinstance(y, list | tuple) and len(x) == len(y), where
+        for k, (u, v) in enumerate(zip(x, y, strict=True)):
+            _assert_equal(u, v, f"{where}[{k}]")
+    else:
+        assert x == y, f"{where}: {x!r} != {y!r}"

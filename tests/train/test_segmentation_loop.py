@@ -1,5 +1,5 @@
 """The segmentation run end to end on a few synthetic images: files, metrics, best.pt by
-mIoU, refusals, the checkpoint loader and the pictures."""
+mIoU, exact resume, refusals, the checkpoint loader and the pictures."""
 
 from __future__ import annotations
 
@@ -13,7 +13,10 @@ import torch
 from msdeformattn.models import DeformableDETRConfig, DeformableSegmenter, SegmenterConfig
 from msdeformattn.models.checkpoint import save_checkpoint
 from msdeformattn.models.deformable_detr import build_model
+from msdeformattn.train import run as run_module
+from msdeformattn.train import segmentation_loop
 from msdeformattn.train.config import SEGMENTATION_PRESETS
+from msdeformattn.train.plots import headline_of
 from msdeformattn.train.segmentation_data import generate_segmentation
 from msdeformattn.train.segmentation_loop import (
     PALETTE,
@@ -24,9 +27,11 @@ from msdeformattn.train.segmentation_loop import (
     segment_image,
     segmentation_eval_transform,
     segmentation_val_loader,
+    train_one_epoch_segmenter,
     train_segmenter,
 )
 from msdeformattn.util.errors import UsageError
+from tests.train.conftest import assert_same_training
 
 TINY = replace(
     SEGMENTATION_PRESETS["tiny"].train,
@@ -65,6 +70,8 @@ def test_a_run_writes_its_files_and_metrics_in_0_1(run):
     assert json.loads((out / "metrics.json").read_text()) == metrics
     lines = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
     assert [x["epoch"] for x in lines] == [0, 1] and all("mIoU" in x for x in lines)
+    # The log names its headline metric, which curves.png draws.
+    assert headline_of(lines) == "mIoU"
 
 
 def test_best_pt_holds_the_epoch_of_the_best_miou(run):
@@ -87,6 +94,64 @@ def test_evaluating_last_pt_gives_the_final_metrics(run, data):
     loader = segmentation_val_loader(data, replace(TINY, batch_size=3), extra["class_names"])
     again = evaluate_segmenter(model, loader, len(NAMES), "cpu", extra["class_names"])
     assert again == pytest.approx(metrics, abs=1e-9)
+
+
+# Dropout: the randomness a resume must continue (shuffle and augmentation follow the epoch).
+DROPOUT = SegmenterConfig.tiny(len(NAMES), dropout=0.1)
+
+
+@pytest.fixture(scope="module")
+def straight(data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("straight") / "run"
+    train_segmenter(data, out, DROPOUT, TINY, device="cpu", progress=False)
+    return out
+
+
+def _interrupt(*args, **kwargs):
+    raise KeyboardInterrupt
+
+
+def _interrupt_then_resume(data, out, monkeypatch) -> None:
+    """Train into ``out``, interrupted as the second epoch starts, then resume it."""
+    epochs = iter([train_one_epoch_segmenter, _interrupt])
+    with monkeypatch.context() as patch:
+        patch.setattr(
+            segmentation_loop, "train_one_epoch_segmenter", lambda *a, **k: next(epochs)(*a, **k)
+        )
+        with pytest.raises(KeyboardInterrupt):
+            train_segmenter(data, out, DROPOUT, TINY, device="cpu", progress=False)
+    _, first = load_segmenter(out / "last.pt", output_extra=True)
+    assert first["epoch"] == 0
+    train_segmenter(data, out, device="cpu", progress=False, resume=True)
+
+
+def test_resume_after_an_interruption_continues_bit_for_bit(data, straight, tmp_path, monkeypatch):
+    _interrupt_then_resume(data, tmp_path / "run", monkeypatch)
+    _, extra = load_segmenter(tmp_path / "run" / "last.pt", output_extra=True)
+    assert extra["epoch"] == 1
+    assert_same_training(straight, tmp_path / "run")
+    assert (tmp_path / "run" / "metrics.json").read_text() == (
+        straight / "metrics.json"
+    ).read_text()
+
+
+def test_a_resume_without_the_rng_state_is_noticed(data, straight, tmp_path, monkeypatch):
+    # The test above can fail: skip one piece of the restore and the runs part.
+    monkeypatch.setattr(run_module, "set_rng_state", lambda state: None)
+    _interrupt_then_resume(data, tmp_path / "run", monkeypatch)
+    with pytest.raises(AssertionError):
+        assert_same_training(straight, tmp_path / "run")
+
+
+def test_resume_refuses_a_folder_without_a_run_or_with_a_detection_run(data, tmp_path):
+    with pytest.raises(UsageError, match="nothing to resume"):
+        train_segmenter(data, tmp_path / "run", resume=True, progress=False)
+    (tmp_path / "det").mkdir()
+    torch.save(
+        {"epoch": 0, "train_config": {}}, tmp_path / "det" / "last.pt"
+    )  # no task entry: detection's
+    with pytest.raises(UsageError, match="is a detection run; resume it with --task detection"):
+        train_segmenter(data, tmp_path / "det", resume=True, progress=False)
 
 
 def test_a_folder_holding_a_run_is_refused_unless_overwrite(run, data):

@@ -110,24 +110,17 @@ class Preset:
 
 
 _PAPER = TrainConfig()
+#: What the tiny presets share: small models trained from scratch on a laptop CPU (so the
+#: trunk learns at the full rate), at one size of 160 px, until --minutes ends the run.
+_LAPTOP = TrainConfig(
+    lr_backbone_factor=1.0, batch_size=8, epochs=1000, augmentation="simple", image_size=160
+)
 
 PRESETS: dict[str, Preset] = {
     "tiny": Preset(
         DeformableDETRConfig.tiny,
-        TrainConfig(
-            lr=5e-4,
-            # Trained from scratch: the trunk learns at the full rate.
-            lr_backbone_factor=1.0,
-            batch_size=8,
-            epochs=1000,
-            augmentation="simple",
-            image_size=160,
-            # Constant, then x0.1 for the last 15 % of the run (of the clock, with --minutes).
-            schedule="step",
-            lr_drop=0.85,
-            warmup_steps=100,
-            eval_every=5,
-        ),
+        # Constant, then x0.1 for the last 15 % of the run (of the clock, with --minutes).
+        replace(_LAPTOP, lr=5e-4, schedule="step", lr_drop=0.85, warmup_steps=100, eval_every=5),
         "d_model 128, 2+2 layers, 30 queries, a small ResNet from scratch; 160 px (laptop CPU)",
     ),
     "deformable-detr": Preset(
@@ -151,16 +144,10 @@ PRESETS: dict[str, Preset] = {
 SEGMENTATION_PRESETS: dict[str, Preset] = {
     "tiny": Preset(
         SegmenterConfig.tiny,
-        TrainConfig(
+        replace(
+            _LAPTOP,
             lr=1e-3,
-            # Trained from scratch: the trunk learns at the full rate.
-            lr_backbone_factor=1.0,
-            weight_decay=1e-4,
             clip_max_norm=1.0,
-            batch_size=8,
-            epochs=1000,
-            augmentation="simple",
-            image_size=160,
             schedule="cosine",
             min_lr_factor=0.05,
             warmup_steps=50,

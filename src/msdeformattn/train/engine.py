@@ -1,10 +1,12 @@
-"""One training epoch and one evaluation pass, on any device (DETR's ``engine.py`` split)."""
+"""One training epoch (any task) and detection's evaluation pass, on any device (DETR's
+``engine.py`` split)."""
 
 from __future__ import annotations
 
 import contextlib
 import time
 from collections.abc import Callable, Iterable
+from typing import Any
 
 import torch
 from torch import nn
@@ -13,7 +15,7 @@ from tqdm import tqdm
 from .coco_eval import coco_metrics
 from .data import CocoDetection
 
-__all__ = ["AMP_DTYPES", "evaluate", "to_device", "train_one_epoch"]
+__all__ = ["AMP_DTYPES", "evaluate", "to_device", "train_epoch", "train_one_epoch"]
 
 AMP_DTYPES = {None: None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -25,10 +27,13 @@ def _autocast(device: torch.device, dtype: torch.dtype | None):
 
 
 def to_device(images, mask, targets, device: torch.device):
-    """The batch on ``device``: images (N, 3, H, W), mask (N, H, W), each target's tensors."""
+    """The batch on ``device``: images (N, 3, H, W), mask (N, H, W), and the targets: a
+    tensor (segmentation's label maps) or a list of dicts of tensors (detection's)."""
     non_blocking = device.type == "cuda"
     images = images.to(device, non_blocking=non_blocking)
     mask = mask.to(device, non_blocking=non_blocking)
+    if torch.is_tensor(targets):
+        return images, mask, targets.to(device, non_blocking=non_blocking)
     targets = [
         {
             k: v.to(device, non_blocking=non_blocking) if torch.is_tensor(v) else v
@@ -39,9 +44,9 @@ def to_device(images, mask, targets, device: torch.device):
     return images, mask, targets
 
 
-def train_one_epoch(
+def train_epoch(
     model: nn.Module,
-    criterion: nn.Module,
+    loss_fn: Callable[[Any, Any], torch.Tensor],
     loader: Iterable,
     optimizer: torch.optim.Optimizer,
     device: torch.device,
@@ -55,16 +60,16 @@ def train_one_epoch(
     should_stop: Callable[[], bool] | None = None,
     progress: str | None = None,
 ) -> dict[str, float]:
-    """Train ``model`` over ``loader`` once (or until ``should_stop()`` says so).
+    """Train ``model`` over ``loader`` once (or until ``should_stop()`` says so), any task.
 
     loader yields (images (N, 3, H, W), mask (N, H, W) True on padding, targets);
-    criterion returns loss terms and has ``weighted_sum``. ``ema`` averages
-    ``ema_source`` (the model without its DDP wrapper) after every step.
-    Returns ``loss`` (mean over steps), ``steps``, ``images`` and ``seconds``.
-    ``progress``: a tqdm bar with this description, or None.
+    ``loss_fn(outputs, targets)`` is the scalar loss of ``model(images, mask)``'s outputs.
+    ``amp`` runs the forward pass under autocast (the loss in float32); ``scaler`` scales
+    fp16 gradients; ``ema`` averages ``ema_source`` (the model without its DDP wrapper)
+    after every step. Returns ``loss`` (mean over steps), ``steps``, ``images`` and
+    ``seconds``. ``progress``: a tqdm bar with this description, or None.
     """
     model.train()
-    criterion.train()
     amp_dtype = AMP_DTYPES[amp]
     # Summed where the loss lives: one host sync per epoch instead of one per step.
     total = None
@@ -75,8 +80,7 @@ def train_one_epoch(
         images, mask, targets = to_device(images, mask, targets, device)
         with _autocast(device, amp_dtype):
             outputs = model(images, mask)
-        terms = criterion(outputs, targets)
-        loss = criterion.weighted_sum(terms)
+        loss = loss_fn(outputs, targets)
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None:
             scaler.scale(loss).backward()
@@ -112,6 +116,24 @@ def train_one_epoch(
         "images": seen,
         "seconds": time.perf_counter() - t0,
     }
+
+
+def train_one_epoch(
+    model: nn.Module,
+    criterion: nn.Module,
+    loader: Iterable,
+    optimizer: torch.optim.Optimizer,
+    device: torch.device,
+    **options: Any,
+) -> dict[str, float]:
+    """Detection's epoch: :func:`train_epoch` with the loss ``criterion.weighted_sum`` of
+    ``criterion(outputs, targets)``'s terms; ``options``: :func:`train_epoch`'s keywords."""
+    criterion.train()
+
+    def loss_fn(outputs: dict, targets: list[dict]) -> torch.Tensor:
+        return criterion.weighted_sum(criterion(outputs, targets))
+
+    return train_epoch(model, loss_fn, loader, optimizer, device, **options)
 
 
 @torch.no_grad()

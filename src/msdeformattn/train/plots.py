@@ -1,4 +1,4 @@
-"""Figures of training runs: loss and AP curves (matplotlib, written as PNG)."""
+"""Figures of training runs: loss and metric curves (matplotlib, written as PNG)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
-__all__ = ["plot_curves", "plot_training_curves", "read_log"]
+__all__ = ["headline_of", "plot_curves", "plot_training_curves", "read_log"]
 
 
 def read_log(log: str | Path) -> list[dict]:
@@ -18,21 +18,26 @@ def read_log(log: str | Path) -> list[dict]:
     return [json.loads(line) for line in Path(log).read_text().splitlines() if line.strip()]
 
 
+def headline_of(rows: list[dict]) -> str | None:
+    """The metric a run is judged by (``AP``, ``mIoU``, ...), as its log names it on the
+    evaluated lines; None when no line does (nothing was evaluated)."""
+    return next((r["headline"] for r in reversed(rows) if "headline" in r), None)
+
+
 def plot_training_curves(log: str | Path, path: str | Path) -> None:
-    """Training loss and validation AP/AP50 against epochs, side by side, into one PNG."""
+    """Training loss and the validation headline metric (see :func:`headline_of`) against
+    epochs, side by side, into one PNG."""
     rows = read_log(log)
-    fig, (loss_ax, ap_ax) = plt.subplots(1, 2, figsize=(10, 4))
+    headline = headline_of(rows)
+    fig, (loss_ax, metric_ax) = plt.subplots(1, 2, figsize=(10, 4))
     loss_ax.plot([r["epoch"] + 1 for r in rows], [r["loss"] for r in rows], marker=".")
-    loss_ax.set_ylabel("training loss (weighted sum)")
-    evaluated = [r for r in rows if "AP" in r]
-    for key, style in (("AP", "o-"), ("AP50", ".--")):
-        ap_ax.plot(
-            [r["epoch"] + 1 for r in evaluated], [r[key] for r in evaluated], style, label=key
-        )
-    ap_ax.set_ylabel("COCO AP on the validation split")
-    ap_ax.set_ylim(0, 1)
-    ap_ax.legend()
-    for ax in (loss_ax, ap_ax):
+    loss_ax.set_ylabel("training loss")
+    if headline is not None:
+        evaluated = [r for r in rows if r.get(headline) is not None]
+        metric_ax.plot([r["epoch"] + 1 for r in evaluated], [r[headline] for r in evaluated], "o-")
+        metric_ax.set_ylabel(f"{headline} on the validation split")
+    metric_ax.set_ylim(0, 1)
+    for ax in (loss_ax, metric_ax):
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
     fig.tight_layout()

@@ -1,4 +1,5 @@
-"""The learning-rate schedule (warm-up, then step decay or cosine) and the EMA of the weights."""
+"""The optimiser (AdamW with the reference's three learning rates), the learning-rate schedule
+(warm-up, then step decay or cosine) and the EMA of the weights."""
 
 from __future__ import annotations
 
@@ -12,7 +13,35 @@ from torch.optim.swa_utils import AveragedModel
 
 from .config import TrainConfig
 
-__all__ = ["build_scheduler", "ema_model", "lr_factor"]
+__all__ = ["build_optimizer", "build_scheduler", "ema_model", "lr_factor", "param_groups"]
+
+
+def param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict]:
+    """The reference's three learning rates: the trunk (``backbone.*``) at
+    ``lr * lr_backbone_factor``, the sampling offsets and reference points (the linear
+    projections that place the samples) at ``lr * lr_linear_proj_factor``, the rest at
+    ``lr``. Frozen parameters are left out."""
+    groups: dict[str, list] = {"rest": [], "backbone": [], "linear_proj": []}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if name.startswith("backbone."):
+            groups["backbone"].append(p)
+        elif "sampling_offsets" in name or "reference_points" in name:
+            groups["linear_proj"].append(p)
+        else:
+            groups["rest"].append(p)
+    factors = {
+        "rest": 1.0,
+        "backbone": cfg.lr_backbone_factor,
+        "linear_proj": cfg.lr_linear_proj_factor,
+    }
+    return [{"params": ps, "lr": cfg.lr * factors[k]} for k, ps in groups.items() if ps]
+
+
+def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW over :func:`param_groups` with ``cfg.weight_decay``."""
+    return torch.optim.AdamW(param_groups(model, cfg), weight_decay=cfg.weight_decay)
 
 
 def lr_factor(step: int, progress: float, cfg: TrainConfig) -> float:
