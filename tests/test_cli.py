@@ -479,6 +479,12 @@ def test_segmentation_train_evaluate_predict(tmp_path, capsys):
     labels = np.asarray(Image.open(tmp_path / "pred" / "000001_labels.png"))
     assert picture.size == (96, 96) and picture.mode == "RGB"
     assert labels.shape == (96, 96) and labels.max() < 5
+    main(["visualize", "--task", "segmentation", str(run / "last.pt"), "--data", str(data),
+          "-o", str(tmp_path / "vis"), "--count", "3"])  # fmt: skip
+    assert "predictions.png" in capsys.readouterr().out
+    # Three rows of image | ground truth | prediction, each 96 px high at least.
+    drawn = Image.open(tmp_path / "vis" / "predictions.png")
+    assert drawn.height >= 3 * 96 and drawn.width > drawn.height / 3 * 2
     # A rerun into the same folder is refused; --overwrite replaces the run.
     argv = ["train", "--task", "segmentation", "--data", str(data), "-o", str(run),
             "--epochs", "1", "--batch-size", "4", "--image-size", "48"]  # fmt: skip

@@ -490,6 +490,17 @@ def _evaluate_segmentation(args: argparse.Namespace) -> None:
     print(json.dumps(evaluate_segmenter(model, loader, len(names), device, names), indent=1))
 
 
+def _visualize_segmentation(args: argparse.Namespace) -> None:
+    from .train.segmentation_loop import draw_validation
+
+    model, extra, cfg, device = _load_segmenter(args)
+    data = _segmentation_data(args.data)
+    path = Path(args.output) / "predictions.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    draw_validation(model, data, path, extra["class_names"], cfg, device, args.count)
+    print(f"wrote {path}")
+
+
 def _predict_segmentation(args: argparse.Namespace) -> None:
     import numpy as np
     from PIL import Image
@@ -524,18 +535,10 @@ def _predict_segmentation(args: argparse.Namespace) -> None:
 def _demo_segmentation(args: argparse.Namespace) -> None:
     import time
 
-    import numpy as np
-
     from .train.config import SEGMENTATION_PRESETS
     from .train.loop import RUN_FILES, resolve_device
-    from .train.segmentation_data import SegmentationDataset, generate_segmentation
-    from .train.segmentation_loop import (
-        draw_segmentations,
-        load_segmenter,
-        segment_image,
-        segmentation_eval_transform,
-        train_segmenter,
-    )
+    from .train.segmentation_data import generate_segmentation
+    from .train.segmentation_loop import draw_validation, load_segmenter, train_segmenter
 
     output = Path(args.output)
     data = output / "data"
@@ -558,16 +561,8 @@ def _demo_segmentation(args: argparse.Namespace) -> None:
     (output / "metrics.json").write_text(json.dumps(metrics, indent=1))
     model, extra = load_segmenter(run / "last.pt", output_extra=True)
     device = resolve_device(args.device)
-    model.to(device)
-    val_set = SegmentationDataset(data, "val", class_names=extra["class_names"])
-    transform = segmentation_eval_transform(cfg)
-    samples = [val_set[i] for i in range(min(4, len(val_set)))]
-    draw_segmentations(
-        [(image.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8) for image, _ in samples],
-        [target.numpy() for _, target in samples],
-        [segment_image(model, image, transform, device).numpy() for image, _ in samples],
-        run / "predictions.png",
-        extra["class_names"],
+    draw_validation(
+        model.to(device), data, run / "predictions.png", extra["class_names"], cfg, device
     )
     print(
         f"\ntrained the tiny segmenter for {args.minutes} min "
@@ -584,11 +579,12 @@ def _demo_segmentation(args: argparse.Namespace) -> None:
 def _compare(args: argparse.Namespace) -> None:
     import json
 
-    from .train.compare import compare
+    from .train.compare import FIGURES, compare
 
-    results = compare(args.output, args.minutes, args.seed)
-    print(json.dumps({k: {m: round(v[m], 3) for m in ("AP", "AP50")} for k, v in results.items()}))
-    print(f"wrote {Path(args.output) / 'deformable_vs_dense.png'}")
+    results = compare(args.output, args.minutes, args.seed, task=args.task)
+    shown = ("AP", "AP50") if args.task == "detection" else ("mIoU", "pixel_accuracy")
+    print(json.dumps({k: {m: round(v[m], 3) for m in shown} for k, v in results.items()}))
+    print(f"wrote {Path(args.output) / FIGURES[args.task]} and comparison.json")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -700,12 +696,20 @@ def main(argv: list[str] | None = None) -> None:
     eval_p.add_argument("--batch-size", type=_positive(int), default=8)
     _device_flag(eval_p)
     _task_flag(eval_p)
-    vis_p = sub.add_parser("visualize", help="detections and sampling-point pictures")
+    vis_p = sub.add_parser(
+        "visualize",
+        help="pictures of a checkpoint on the validation split: detections and sampling "
+        "points, or (--task segmentation) image | ground truth | prediction",
+    )
+    _task_flag(vis_p)
     vis_p.add_argument("checkpoint")
     vis_p.add_argument("--data", required=True)
     vis_p.add_argument("--output", "-o", required=True)
     vis_p.add_argument("--image-size", type=_positive(int), help="default: the training size")
-    vis_p.add_argument("--threshold", type=float, default=0.3)
+    vis_p.add_argument("--threshold", type=float, default=0.3, help="detection only")
+    vis_p.add_argument(
+        "--count", type=_positive(int), default=4, help="segmentation: validation images drawn"
+    )
     _device_flag(vis_p)
     pred_p = sub.add_parser(
         "predict",
@@ -748,7 +752,12 @@ def main(argv: list[str] | None = None) -> None:
     )
     check_p.add_argument("data", help="folder with train/, val/, annotations/")
     check_p.add_argument("--workers", type=_positive(int), help="threads opening images")
-    cmp_p = sub.add_parser("compare", help="deformable vs dense attention, same budget, one plot")
+    cmp_p = sub.add_parser(
+        "compare",
+        help="deformable attention vs its baseline (detection: dense attention; segmentation: "
+        "a plain FPN), same budget, one plot",
+    )
+    _task_flag(cmp_p)
     cmp_p.add_argument("--output", "-o", required=True)
     cmp_p.add_argument("--minutes", type=float, default=10.0, help="per model")
     cmp_p.add_argument("--seed", type=int, default=0)
@@ -763,6 +772,7 @@ def main(argv: list[str] | None = None) -> None:
         "train": _train_segmentation,
         "evaluate": _evaluate_segmentation,
         "predict": _predict_segmentation,
+        "visualize": _visualize_segmentation,
         "demo": _demo_segmentation,
     }
     commands = {

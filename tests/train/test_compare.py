@@ -65,3 +65,32 @@ def test_dense_baseline_trains_and_the_plot_is_written(tmp_path):
         assert not torch.equal(fresh.class_embed[0].weight, model.class_embed[0].weight)
     plot_curves(logs, tmp_path / "curves.png")
     assert (tmp_path / "curves.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_segmentation_compare_trains_both_decoders_and_a_rerun_keeps_them(tmp_path, capsys):
+    from msdeformattn.cli import main
+    from msdeformattn.train.segmentation_data import generate_segmentation
+    from msdeformattn.train.segmentation_loop import load_segmenter
+
+    out = tmp_path / "cmp"
+    # Small data where compare looks for it; otherwise it generates the demo's 2000 images.
+    generate_segmentation(out / "data", num_train=4, num_val=2, seed=3, size=64)
+    main(["compare", "--task", "segmentation", "-o", str(out), "--minutes", "0.01"])
+    printed = capsys.readouterr().out
+    assert "deformable_vs_fpn.png" in printed
+    results = json.loads((out / "comparison.json").read_text())
+    assert set(results) == {"deformable", "fpn"}
+    for decoder, metrics in results.items():
+        assert 0 <= metrics["mIoU"] <= 1 and 0 <= metrics["pixel_accuracy"] <= 1
+        model = load_segmenter(out / decoder / "last.pt")
+        assert model.config.decoder == decoder
+        rows = [json.loads(x) for x in (out / decoder / "log.jsonl").read_text().splitlines()]
+        assert rows and all(r.get("mIoU") is not None for r in rows)  # every epoch evaluated
+    assert (out / "deformable_vs_fpn.png").read_bytes()[:4] == b"\x89PNG"
+    before = (out / "fpn" / "last.pt").read_bytes()
+    with pytest.raises(SystemExit) as exit_info:
+        main(["compare", "--task", "segmentation", "-o", str(out), "--minutes", "0.01"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "already holds a run" in err[0], err
+    assert (out / "fpn" / "last.pt").read_bytes() == before

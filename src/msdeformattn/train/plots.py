@@ -45,24 +45,31 @@ def plot_training_curves(log: str | Path, path: str | Path) -> None:
     plt.close(fig)
 
 
-def plot_curves(logs: dict[str, Path], path: str | Path) -> None:
-    """AP against training time and against epochs, one line per run, into one PNG."""
+def plot_curves(
+    logs: dict[str, Path],
+    path: str | Path,
+    metrics: tuple[str, ...] = ("AP", "AP50"),
+    title: str = "Deformable vs dense attention, same detector and budget",
+) -> None:
+    """``metrics`` of each run's evaluated epochs against training time and against epochs,
+    one line per run and metric (the first solid, the others dashed), into one PNG."""
     fig, (by_time, by_epoch) = plt.subplots(1, 2, figsize=(10, 4))
     for name, log in logs.items():
-        rows = [r for r in read_log(log) if "AP" in r]
+        rows = [r for r in read_log(log) if r.get(metrics[0]) is not None]
         minutes = [r["elapsed_s"] / 60 for r in rows]
         epochs = [r["epoch"] + 1 for r in rows]
         for ax, xs in ((by_time, minutes), (by_epoch, epochs)):
-            ax.plot(xs, [r["AP"] for r in rows], marker="o", label=f"{name} AP")
-            ax.plot(xs, [r["AP50"] for r in rows], marker=".", linestyle="--", label=f"{name} AP50")
+            for k, metric in enumerate(metrics):
+                style = {"marker": "o"} if k == 0 else {"marker": ".", "linestyle": "--"}
+                ax.plot(xs, [r[metric] for r in rows], label=f"{name} {metric}", **style)
     by_time.set_xlabel("training time (minutes)")
     by_epoch.set_xlabel("epochs")
     for ax in (by_time, by_epoch):
-        ax.set_ylabel("COCO AP on the synthetic val split")
+        ax.set_ylabel("on the synthetic validation split")
         ax.set_ylim(0, 1)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.suptitle("Deformable vs dense attention, same detector and budget")
+    fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

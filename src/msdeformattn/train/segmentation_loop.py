@@ -250,6 +250,32 @@ def segment_image(
     )
 
 
+def draw_validation(
+    model: DeformableSegmenter,
+    data: str | Path,
+    path: str | Path,
+    class_names: list[str],
+    cfg: TrainConfig,
+    device: str | torch.device,
+    count: int = 4,
+) -> Path:
+    """image | ground truth | prediction for the first ``count`` validation images of
+    ``data``, one row each, into the PNG ``path`` (see :func:`draw_segmentations`)."""
+    import numpy as np
+
+    val_set = SegmentationDataset(Path(data), "val", class_names=class_names)
+    transform = segmentation_eval_transform(cfg)
+    samples = [val_set[i] for i in range(min(count, len(val_set)))]
+    draw_segmentations(
+        [(image.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8) for image, _ in samples],
+        [target.numpy() for _, target in samples],
+        [segment_image(model, image, transform, device).numpy() for image, _ in samples],
+        path,
+        class_names,
+    )
+    return Path(path)
+
+
 def load_segmenter(
     path: str | Path, *, output_extra: bool = False
 ) -> DeformableSegmenter | tuple[DeformableSegmenter, dict]:
