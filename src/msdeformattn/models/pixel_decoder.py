@@ -116,8 +116,9 @@ class _EncoderOnly(nn.Module):
         memory = self.encoder.encode(flat)
         N, _, C = memory.shape
         levels = memory.split([h * w for h, w in flat.shapes], 1)
+        # Contiguous maps: CPU bilinear upsampling of the transposed view is ~7x slower.
         return [
-            m.transpose(1, 2).reshape(N, C, h, w)
+            m.transpose(1, 2).reshape(N, C, h, w).contiguous()
             for m, (h, w) in zip(levels, flat.shapes, strict=True)
         ]
 
