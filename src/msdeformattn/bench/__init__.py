@@ -9,7 +9,7 @@ are documented in :mod:`.command`. One file per concern, in the order a run uses
 - ``timing.py``: medians with ``torch.utils.benchmark``;
 - ``memory.py``: peak memory, measured in a fresh process;
 - ``operator_bench.py``: the operator benchmark's rows;
-- ``detector.py``, ``encoder_layer.py``: end to end against transformers;
+- ``detector.py``, ``encoder_layer.py``, ``pixel_decoder.py``: end to end against transformers;
 - ``tables.py``: the markdown tables;
 - ``command.py``: the command line, :func:`main`.
 """

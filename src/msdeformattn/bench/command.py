@@ -17,6 +17,8 @@ of a fresh process; on CUDA: ``max_memory_allocated``).
 
 With --detector, --train-step or --encoder: the full-size detector's inference,
 its training step, or one encoder layer's training step against transformers.
+With --pixel-decoder: Mask2Former's pixel decoder (forward and training step) against
+transformers' on a 1024x1024 image's backbone maps (--image-size), on --device.
 """
 
 from __future__ import annotations
@@ -67,7 +69,13 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="with --detector: also time the model exported to onnxruntime",
     )
-    p.add_argument("--image-size", nargs=2, type=int, default=(640, 960), metavar=("H", "W"))
+    p.add_argument(
+        "--image-size",
+        nargs=2,
+        type=int,
+        metavar=("H", "W"),
+        help="default: 1024 1024 with --pixel-decoder, 640 960 otherwise",
+    )
     p.add_argument(
         "--encoder",
         action="store_true",
@@ -83,10 +91,17 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="time one training step of the full detector (at --image-size) against transformers",
     )
+    p.add_argument(
+        "--pixel-decoder",
+        action="store_true",
+        help="time Mask2Former's pixel decoder (forward, training step) against transformers",
+    )
+    p.add_argument("--batch", type=int, default=1, help="with --pixel-decoder: images per batch")
     # What memory.probe_in_fresh_process runs: one measurement, its bytes printed last.
     p.add_argument("--encoder-memory-probe", help=argparse.SUPPRESS)
     p.add_argument("--train-step-memory-probe", help=argparse.SUPPRESS)
     p.add_argument("--memory-probe", nargs=4, help=argparse.SUPPRESS)
+    p.add_argument("--pixel-decoder-memory-probe", nargs=2, help=argparse.SUPPRESS)
     return p
 
 
@@ -108,6 +123,9 @@ def _cpu_header() -> str:
 
 
 def _main(args: argparse.Namespace) -> None:
+    if args.image_size is None:
+        pixel_decoder = args.pixel_decoder or args.pixel_decoder_memory_probe
+        args.image_size = (1024, 1024) if pixel_decoder else (640, 960)
     # The end-to-end modules import the models, training and transformers: only when asked.
     if args.memory_probe:
         print(peak_memory_probe(*args.memory_probe))
@@ -123,6 +141,20 @@ def _main(args: argparse.Namespace) -> None:
         step = train_step(args.train_step_memory_probe, *args.image_size)
         step()
         print(peak_rss_growth(step))
+    elif args.pixel_decoder_memory_probe:
+        from .pixel_decoder import memory_probe
+
+        which, mode = args.pixel_decoder_memory_probe
+        print(memory_probe(which, mode, *args.image_size, args.batch, args.dtype, args.device))
+    elif args.pixel_decoder:
+        from .pixel_decoder import benchmark
+
+        height, width = args.image_size
+        print(f"{_header(args)} image={height}x{width} batch={args.batch}", flush=True)
+        memory = not args.no_memory
+        print(
+            benchmark(height, width, args.min_run_time, args.batch, args.dtype, args.device, memory)
+        )
     elif args.train_step:
         from .detector import train_step_benchmark
 
@@ -147,16 +179,21 @@ def _main(args: argparse.Namespace) -> None:
         _operator(args)
 
 
-def _operator(args: argparse.Namespace) -> None:
+def _header(args: argparse.Namespace) -> str:
+    """device, dtype, torch, threads (and deterministic, the GPU's name)."""
     header = (
         f"device={args.device} dtype={args.dtype} torch={torch.__version__} "
         f"threads={torch.get_num_threads()}" + (" deterministic" if args.deterministic else "")
     )
     if args.device == "cuda":
-        header += (
-            f" gpu={torch.cuda.get_device_name()} "
-            f"copy_bandwidth={copy_bandwidth(args.device) / 1e9:.0f}GB/s"
-        )
+        header += f" gpu={torch.cuda.get_device_name()}"
+    return header
+
+
+def _operator(args: argparse.Namespace) -> None:
+    header = _header(args)
+    if args.device == "cuda":
+        header += f" copy_bandwidth={copy_bandwidth(args.device) / 1e9:.0f}GB/s"
     print(header, flush=True)
     cases = args.cases or DEFAULT_CASES[torch.device(args.device).type]
     rows = run(cases, args.dtype, args.device, args.min_run_time, not args.no_memory)

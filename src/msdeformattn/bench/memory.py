@@ -58,14 +58,19 @@ def peak_memory_probe(case_name: str, contender: str, dtype: str, device: str) -
     inputs = with_grad(make_inputs(CASES[case_name], dt, device))
     with torch.no_grad():
         grad = torch.ones_like(fn(*inputs))
-    if device == "cuda":
-        sync(device)
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        forward_backward(fn, inputs, grad)
-        sync(device)
-        return torch.cuda.max_memory_allocated() - base
-    return peak_rss_growth(lambda: forward_backward(fn, inputs, grad))
+    return peak_growth(lambda: forward_backward(fn, inputs, grad), device)
+
+
+def peak_growth(fn: Callable[[], object], device: str) -> int:
+    """Peak extra bytes of ``fn()``: ``max_memory_allocated`` on CUDA, the RSS on the CPU."""
+    if device != "cuda":
+        return peak_rss_growth(fn)
+    sync(device)
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn()
+    sync(device)
+    return torch.cuda.max_memory_allocated() - base
 
 
 def peak_memory(case_name: str, contender: str, dtype: str, device: str) -> int:
