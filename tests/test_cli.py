@@ -531,8 +531,8 @@ def test_segmentation_demo_on_a_small_budget(tmp_path, capsys):
         ),
         (
             ["train", "--task", "segmentation", "--data", "{data}", "-o", "{tmp}/run",
-             "--ema-decay", "0.9"],
-            "ema_decay: detection only",
+             "--ema-decay", "1.5"],
+            "--ema-decay",
         ),
         (
             ["train", "--task", "segmentation", "--data", "{data}", "-o", "{tmp}/old"],

@@ -32,6 +32,17 @@ def _positive(kind):
     return parse
 
 
+def _fraction(text: str) -> float:
+    """A float strictly between 0 and 1 (an EMA decay)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a float, got {text!r}") from None
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1 (exclusive), got {text}")
+    return value
+
+
 class _Parser(argparse.ArgumentParser):
     """Flag mistakes in one line (the usage is one ``--help`` away), exit status 2."""
 
@@ -660,7 +671,9 @@ def main(argv: list[str] | None = None) -> None:
     train_p.add_argument("--batch-size", dest="batch_size", type=_positive(int), help="global")
     train_p.add_argument("--lr", type=_positive(float))
     train_p.add_argument("--schedule", choices=["step", "cosine", "constant"])
-    train_p.add_argument("--ema-decay", type=float, help="EMA of the weights for evaluation")
+    train_p.add_argument(
+        "--ema-decay", type=_fraction, help="EMA of the weights for evaluation, e.g. 0.9997"
+    )
     train_p.add_argument("--eval-every", dest="eval_every", type=_positive(int), help="epochs")
     train_p.add_argument("--image-size", dest="image_size", type=_positive(int))
     train_p.add_argument("--workers", dest="num_workers", type=int, help="data-loading processes")

@@ -71,25 +71,29 @@ class TrainConfig:
     focal_alpha: float = 0.25
 
     def __post_init__(self) -> None:
+        # field: (check, what it must be)
         checks = {
-            "lr": lambda: self.lr > 0,
-            "batch_size": lambda: self.batch_size >= 1,
-            "epochs": lambda: self.epochs >= 1,
-            "minutes": lambda: self.minutes is None or self.minutes > 0,
-            "eval_every": lambda: self.eval_every >= 1,
-            "image_size": lambda: self.image_size >= 32,
-            "num_workers": lambda: self.num_workers >= 0,
-            "warmup_steps": lambda: self.warmup_steps >= 0,
-            "lr_drop": lambda: 0 < self.lr_drop <= 1,
-            "ema_decay": lambda: self.ema_decay is None or 0 < self.ema_decay < 1,
+            "lr": (lambda: self.lr > 0, "> 0"),
+            "batch_size": (lambda: self.batch_size >= 1, ">= 1"),
+            "epochs": (lambda: self.epochs >= 1, ">= 1"),
+            "minutes": (lambda: self.minutes is None or self.minutes > 0, "> 0 or None"),
+            "eval_every": (lambda: self.eval_every >= 1, ">= 1"),
+            "image_size": (lambda: self.image_size >= 32, ">= 32"),
+            "num_workers": (lambda: self.num_workers >= 0, ">= 0"),
+            "warmup_steps": (lambda: self.warmup_steps >= 0, ">= 0"),
+            "lr_drop": (lambda: 0 < self.lr_drop <= 1, "in (0, 1]"),
+            "ema_decay": (
+                lambda: self.ema_decay is None or 0 < self.ema_decay < 1,
+                "in (0, 1) or None",
+            ),
         }
-        for name, check in checks.items():
+        for name, (check, wanted) in checks.items():
             try:
                 ok = check()
             except TypeError:  # e.g. a string in a JSON config where a number belongs
                 ok = False
             if not ok:
-                raise UsageError(f"{name} has an invalid value: {getattr(self, name)!r}")
+                raise UsageError(f"{name} must be {wanted}, got {getattr(self, name)!r}")
         choices = {
             "schedule": ("step", "cosine", "constant"),
             "augmentation": ("detr", "simple"),

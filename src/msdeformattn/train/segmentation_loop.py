@@ -89,8 +89,8 @@ def train_segmenter(
 
     ``output`` must not hold a run unless ``resume`` (continue it exactly where it
     stopped, with its saved configs; ``cfg``'s ``epochs`` and ``minutes`` are the new
-    totals) or ``overwrite`` (replace its files). EMA and mixed precision
-    (``cfg.ema_decay``, ``cfg.amp``) are detection's only.
+    totals) or ``overwrite`` (replace its files). EMA (``cfg.ema_decay``; evaluation and
+    ``best.pt`` use the average) and mixed precision (``cfg.amp``) as in detection.
     """
     return run_training(
         SegmentationTask(Path(data)), output, config, cfg,
@@ -111,14 +111,6 @@ class SegmentationTask(Task):
     def __init__(self, data: Path) -> None:
         self.data = data
         self.class_names: list[str] = []
-
-    def check(self, cfg: TrainConfig) -> None:
-        for name in ("ema_decay", "amp"):
-            if getattr(cfg, name) is not None:
-                raise UsageError(
-                    f"{name}: detection only, not supported for segmentation (got "
-                    f"{getattr(cfg, name)!r})"
-                )
 
     def load_data(self, cfg: TrainConfig, rank: int, world: int, verbose: bool) -> Loaders:
         if not self.data.is_dir():
