@@ -4,6 +4,7 @@ from .backbone import Backbone, FrozenBatchNorm2d, Joiner, PositionEmbeddingSine
 from .config import DeformableDETRConfig
 from .convert import LoadReport, load_backbone_weights
 from .deformable_detr import MLP, DeformableDETR, box_cxcywh_to_xyxy, build_model, post_process
+from .mask2former_head import MaskedAttentionDecoder
 from .pixel_decoder import MSDeformAttnPixelDecoder, PixelDecoderOutput
 from .segmenter import DeformableSegmenter, SegmenterConfig
 
@@ -17,6 +18,7 @@ __all__ = [
     "Joiner",
     "LoadReport",
     "MSDeformAttnPixelDecoder",
+    "MaskedAttentionDecoder",
     "PixelDecoderOutput",
     "PositionEmbeddingSine",
     "ResNet",

@@ -1,8 +1,11 @@
-"""Semantic segmentation: a ResNet, Mask2Former's pixel decoder and a per-pixel classifier.
+"""Semantic segmentation: a ResNet, Mask2Former's pixel decoder and one of two heads.
 
-``DeformableSegmenter`` classifies every pixel of the decoder's stride-4 mask features with
-a 1x1 convolution and is trained with cross-entropy; ``decoder="fpn"`` is its baseline, the
-same model without deformable attention (a plain FPN from C5 down to stride 4).
+``DeformableSegmenter`` with ``head="per_pixel"`` classifies every pixel of the decoder's
+stride-4 mask features with a 1x1 convolution and is trained with cross-entropy; with
+``head="mask2former"`` Mask2Former's masked-attention query decoder predicts a class and a
+mask per query, trained with the set loss of :mod:`.mask_losses`.
+``decoder="fpn"`` is the baseline of either, the same model without deformable attention
+(a plain FPN from C5 down to stride 4).
 """
 
 from __future__ import annotations
@@ -17,6 +20,8 @@ from ..util.errors import UsageError
 from .backbone import ResNet
 from .config import DeformableDETRConfig, check_choices, check_positive_ints
 from .deformable_detr import build_trunk
+from .mask2former_head import MaskedAttentionDecoder, semantic_scores
+from .mask_losses import MaskSetLoss
 from .pixel_decoder import MSDeformAttnPixelDecoder
 
 __all__ = ["DeformableSegmenter", "SegmenterConfig"]
@@ -62,10 +67,22 @@ class SegmenterConfig:
     #: Target value of pixels the loss skips (unlabelled, padding).
     ignore_index: int = 255
     backend: str | None = None
+    #: "per_pixel": a 1x1 classifier of the mask features, cross-entropy; "mask2former":
+    #: Mask2Former's masked-attention query decoder and its set loss. Checkpoints written
+    #: before this field load as "per_pixel".
+    head: str = "per_pixel"
+    #: The mask2former head's queries, layers (layer i reads level i % 3, coarsest first)
+    #: and feed-forward width: Mask2Former's (its DEC_LAYERS of 10 counts the prediction
+    #: before the first layer). Unused by the per-pixel head.
+    num_queries: int = 100
+    dec_layers: int = 9
+    dec_dim_feedforward: int = 2048
 
     def __post_init__(self) -> None:
         _trunk_config(self)  # the detector's checks of the trunk fields
-        check_choices(self, {"decoder": ("deformable", "fpn")})
+        check_choices(
+            self, {"decoder": ("deformable", "fpn"), "head": ("per_pixel", "mask2former")}
+        )
         check_positive_ints(
             self,
             (
@@ -76,6 +93,9 @@ class SegmenterConfig:
                 "n_points",
                 "enc_layers",
                 "dim_feedforward",
+                "num_queries",
+                "dec_layers",
+                "dec_dim_feedforward",
             ),
             hints={"enc_layers": " (decoder='fpn' is the model without them)"},
         )
@@ -107,7 +127,8 @@ class SegmenterConfig:
     @classmethod
     def tiny(cls, num_classes: int, **overrides) -> SegmenterConfig:
         """A model that trains on a laptop CPU: a basic-block trunk of widths 32-256 with one
-        block per stage and trainable BatchNorm, d_model 64, two encoder layers."""
+        block per stage and trainable BatchNorm, d_model 64, two encoder layers; for the
+        mask2former head 16 queries and 3 decoder layers (one round over the levels)."""
         base = cls(
             num_classes=num_classes,
             backbone_norm="batch",
@@ -118,6 +139,9 @@ class SegmenterConfig:
             nheads=4,
             enc_layers=2,
             dim_feedforward=256,
+            num_queries=16,
+            dec_layers=3,
+            dec_dim_feedforward=256,
         )
         return replace(base, **overrides)
 
@@ -135,12 +159,13 @@ def _build_trunk(config: SegmenterConfig) -> ResNet:
 
 
 class DeformableSegmenter(nn.Module):
-    """The segmenter: ResNet (C2..C5) -> :class:`MSDeformAttnPixelDecoder` -> a 1x1
-    convolution from the mask features to class logits, at stride 4.
+    """The segmenter: ResNet (C2..C5) -> :class:`MSDeformAttnPixelDecoder` -> the head:
+    a 1x1 convolution from the mask features to class logits at stride 4 (``per_pixel``),
+    or :class:`MaskedAttentionDecoder` (``mask2former``).
 
-    ``model(images, mask=None)`` gives the logits, :meth:`predict` the label map at the
-    input size and :meth:`loss` the cross-entropy against a label map; ``model.config``
-    keeps the config.
+    ``model(images, mask=None)`` gives the head's outputs, :meth:`semantic_logits` the class
+    scores at the input size, :meth:`predict` the label map at the input size and
+    :meth:`loss` the head's loss against a label map; ``model.config`` keeps the config.
 
     Example:
         >>> model = DeformableSegmenter(SegmenterConfig.tiny(num_classes=3)).eval()
@@ -172,13 +197,30 @@ class DeformableSegmenter(nn.Module):
         if fpn:
             # Read by encoder layers only: frozen, so optimisers and DDP see no unused parameter.
             self.pixel_decoder.transformer.level_embed.requires_grad_(False)
-        self.classifier = nn.Conv2d(config.mask_dim, config.num_classes, 1)
-        # As the decoder's own 1x1 mask projection before it.
-        nn.init.kaiming_uniform_(self.classifier.weight, a=1)
-        nn.init.zeros_(self.classifier.bias)
+        if config.head == "per_pixel":
+            self.classifier = nn.Conv2d(config.mask_dim, config.num_classes, 1)
+            # As the decoder's own 1x1 mask projection before it.
+            nn.init.kaiming_uniform_(self.classifier.weight, a=1)
+            nn.init.zeros_(self.classifier.bias)
+        else:
+            # Mask2Former's name for its query decoder (sem_seg_head.predictor).
+            self.predictor = MaskedAttentionDecoder(
+                config.num_classes,
+                d_model=config.d_model,
+                mask_dim=config.mask_dim,
+                num_queries=config.num_queries,
+                nheads=config.nheads,
+                dim_feedforward=config.dec_dim_feedforward,
+                num_layers=config.dec_layers,
+                num_levels=self.pixel_decoder.n_levels,
+                dropout=config.dropout,
+            )
+            self.criterion = MaskSetLoss(config.num_classes, config.ignore_index)
 
-    def forward(self, images: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Class logits at stride 4.
+    def forward(
+        self, images: torch.Tensor, mask: torch.Tensor | None = None
+    ) -> torch.Tensor | dict:
+        """The head's outputs.
 
         Args:
             images (Tensor[N, 3, H, W]): any H and W.
@@ -186,16 +228,43 @@ class DeformableSegmenter(nn.Module):
                 left (None: no padding).
 
         Returns:
-            Tensor[N, num_classes, ceil(H / 4), ceil(W / 4)]: logits on the trunk's C2 grid;
-            those at padded pixels are unspecified.
+            per_pixel: Tensor[N, num_classes, ceil(H / 4), ceil(W / 4)], logits on the
+            trunk's C2 grid. mask2former: the dict of :meth:`MaskedAttentionDecoder.forward`
+            (``pred_logits`` (N, Q, num_classes + 1), ``pred_masks`` (N, Q, h, w) on the C2
+            grid, ``aux_outputs``). Either is what :meth:`loss` takes; class scores at the
+            input size, whatever the head, come from :meth:`semantic_logits`. Values at
+            padded pixels are unspecified.
 
-        The pixel decoder ignores padding exactly; the trunk's convolutions do not, so the
-        padding's content reaches the logits near the valid region's border (as in the
-        detector).
+        The pixel decoder and the query decoder ignore padding exactly; the trunk's
+        convolutions do not, so the padding's content reaches the outputs near the valid
+        region's border (as in the detector).
         """
         self._check(images, mask)
-        features = self.backbone(images)
-        return self.classifier(self.pixel_decoder(features, mask).mask_features)
+        decoded = self.pixel_decoder(self.backbone(images), mask)
+        if self.config.head == "per_pixel":
+            return self.classifier(decoded.mask_features)
+        return self.predictor(decoded.mask_features, decoded.multi_scale_features, mask)
+
+    @torch.no_grad()
+    def semantic_logits(
+        self,
+        images: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        size: tuple[int, int] | None = None,
+    ) -> torch.Tensor:
+        """Class scores at the input size (or ``size``), without gradients, in the current mode.
+
+        images (N, 3, H, W), mask (N, H, W) as :meth:`forward` -> (N, num_classes, H, W):
+        per_pixel, the logits upsampled bilinearly; mask2former, Mask2Former's semantic
+        inference (:func:`semantic_scores`) with the mask logits upsampled bilinearly
+        first. ``size``: another output size, e.g. an image's own before it was resized
+        for the model (one interpolation, not two). Values at padded pixels are unspecified.
+        """
+        outputs = self(images, mask)
+        size = tuple(images.shape[-2:]) if size is None else size
+        if self.config.head == "per_pixel":
+            return _upsample(outputs, size)
+        return semantic_scores(outputs["pred_logits"], outputs["pred_masks"], size)
 
     @torch.no_grad()
     def predict(self, images: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -203,27 +272,38 @@ class DeformableSegmenter(nn.Module):
         (call ``eval()`` first).
 
         images (N, 3, H, W), mask (N, H, W) as :meth:`forward` ->
-        (N, H, W) int64: the argmax of the logits upsampled bilinearly to (H, W);
-        ``config.ignore_index`` at padded pixels.
+        (N, H, W) int64: the argmax of :meth:`semantic_logits`; ``config.ignore_index`` at
+        padded pixels.
         """
-        logits = self(images, mask)
-        labels = _upsample(logits, images.shape[-2:]).argmax(1)
+        labels = self.semantic_logits(images, mask).argmax(1)
         if mask is not None:
             labels = labels.masked_fill(mask, self.config.ignore_index)
         return labels
 
-    def loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        """Cross-entropy of ``logits`` upsampled bilinearly to the target's size.
+    def loss(self, outputs: torch.Tensor | dict, target: torch.Tensor) -> torch.Tensor:
+        """The head's loss: per_pixel, the cross-entropy of the logits upsampled bilinearly
+        to the target's size; mask2former, Mask2Former's set loss
+        (:class:`~msdeformattn.models.mask_losses.MaskSetLoss`).
 
         Args:
-            logits (Tensor[N, num_classes, h, w]): :meth:`forward`'s output.
+            outputs: :meth:`forward`'s output: per_pixel logits
+                (Tensor[N, num_classes, h, w]) or mask2former's dict.
             target (Tensor[N, H, W], int64): class indices; ``config.ignore_index`` at pixels
                 to skip (unlabelled, and padding).
 
         Returns:
-            Tensor[]: the mean over the pixels not skipped; 0 (with a gradient graph) when
-            every pixel is skipped.
+            Tensor[]: per_pixel, the mean over the pixels not skipped, 0 (with a gradient
+            graph) when every pixel is skipped; mask2former, the weighted sum of its terms
+            over the final and auxiliary outputs.
         """
+        if self.config.head == "mask2former":
+            if not isinstance(outputs, dict):
+                raise ValueError(
+                    "outputs must be the mask2former head's dict (the model's output), "
+                    f"got {type(outputs).__name__}"
+                )
+            return self.criterion(outputs, target)
+        logits = outputs
         K = self.config.num_classes
         if logits.dim() != 4 or logits.shape[1] != K:
             raise ValueError(f"logits must have shape (N, {K}, h, w), got {tuple(logits.shape)}")

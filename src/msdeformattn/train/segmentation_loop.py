@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..models.config import config_from_dict
@@ -227,19 +226,17 @@ def segment_image(
     """Labels of one image at its own resolution.
 
     image (3, H, W) float in [0, 1], as read; transform: the evaluation transform the model
-    was trained with (e.g. :func:`segmentation_eval_transform`). The logits of the
-    transformed image are upsampled bilinearly to (H, W) before the argmax, so the labels
-    follow the original pixels rather than a resized label map.
+    was trained with (e.g. :func:`segmentation_eval_transform`). The scores of the
+    transformed image are upsampled bilinearly to (H, W) before the argmax
+    (:meth:`DeformableSegmenter.semantic_logits`, either head), so the labels follow the
+    original pixels rather than a resized label map.
 
     Returns (H, W) int64 on the CPU.
     """
     H, W = image.shape[-2:]
     resized, _ = transform(image, torch.zeros(H, W, dtype=torch.int64))
     model.eval()
-    logits = model(resized[None].to(device))
-    return (
-        F.interpolate(logits, size=(H, W), mode="bilinear", align_corners=False)[0].argmax(0).cpu()
-    )
+    return model.semantic_logits(resized[None].to(device), size=(H, W))[0].argmax(0).cpu()
 
 
 def draw_validation(
