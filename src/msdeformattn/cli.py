@@ -220,7 +220,7 @@ def _load_model(path: str):
 
 def _load(args: argparse.Namespace):
     """(model on the device, config, checkpoint extras, device) of ``args.checkpoint``."""
-    from .train.loop import resolve_device
+    from .train.devices import resolve_device
 
     device = resolve_device(args.device)
     model, config, extra = _load_model(args.checkpoint)
@@ -389,7 +389,9 @@ def _demo(args: argparse.Namespace) -> None:
 
     from .models.checkpoint import load_checkpoint
     from .train.config import PRESETS
-    from .train.loop import RUN_FILES, resolve_device, train
+    from .train.devices import resolve_device
+    from .train.loop import train
+    from .train.run_folder import RUN_FILES
     from .train.synthetic import CLASSES, generate
 
     output = Path(args.output)
@@ -473,7 +475,7 @@ def _train_segmentation(args: argparse.Namespace) -> None:
 
 def _load_segmenter(args: argparse.Namespace):
     """(model on the device, checkpoint extras, evaluation TrainConfig, device)."""
-    from .train.loop import resolve_device
+    from .train.devices import resolve_device
     from .train.segmentation_loop import load_segmenter
 
     device = resolve_device(args.device)
@@ -516,7 +518,8 @@ def _predict_segmentation(args: argparse.Namespace) -> None:
     import numpy as np
     from PIL import Image
 
-    from .train.segmentation_loop import overlay, segment_image, segmentation_eval_transform
+    from .train.segmentation_loop import segment_image, segmentation_eval_transform
+    from .train.segmentation_visualize import overlay
 
     model, _, cfg, device = _load_segmenter(args)
     transform = segmentation_eval_transform(cfg)
@@ -547,7 +550,8 @@ def _demo_segmentation(args: argparse.Namespace) -> None:
     import time
 
     from .train.config import SEGMENTATION_PRESETS
-    from .train.loop import RUN_FILES, resolve_device
+    from .train.devices import resolve_device
+    from .train.run_folder import RUN_FILES
     from .train.segmentation_data import generate_segmentation
     from .train.segmentation_loop import draw_validation, load_segmenter, train_segmenter
 

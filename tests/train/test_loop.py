@@ -13,6 +13,7 @@ from msdeformattn.models import DeformableDETRConfig
 from msdeformattn.models.checkpoint import load_checkpoint
 from msdeformattn.models.postprocess import PostProcess
 from msdeformattn.train import loop
+from msdeformattn.train.batches import batch_for
 from msdeformattn.train.config import PRESETS, TrainConfig
 from msdeformattn.train.engine import evaluate, train_one_epoch
 from msdeformattn.train.synthetic import CLASSES, generate
@@ -119,11 +120,11 @@ def test_a_training_set_smaller_than_one_batch_trains_on_batches_of_the_set(data
 
 
 def test_batch_for_clips_to_the_set_in_multiples_of_the_processes():
-    assert loop.batch_for(100, 16) == 16
+    assert batch_for(100, 16) == 16
     with pytest.warns(UserWarning):
-        assert loop.batch_for(7, 16, world=2) == 6
+        assert batch_for(7, 16, world=2) == 6
     with pytest.raises(UsageError, match="fewer than the 2 processes"):
-        loop.batch_for(1, 16, world=2)
+        batch_for(1, 16, world=2)
 
 
 def test_wall_clock_budget_stops_training_when_spent(data, tmp_path):

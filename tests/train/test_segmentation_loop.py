@@ -20,17 +20,15 @@ from msdeformattn.train.config import SEGMENTATION_PRESETS
 from msdeformattn.train.plots import headline_of
 from msdeformattn.train.segmentation_data import generate_segmentation
 from msdeformattn.train.segmentation_loop import (
-    PALETTE,
-    colorize,
     evaluate_segmenter,
     load_segmenter,
-    overlay,
     segment_image,
     segmentation_eval_transform,
     segmentation_val_loader,
     train_one_epoch_segmenter,
     train_segmenter,
 )
+from msdeformattn.train.segmentation_visualize import PALETTE, colorize, overlay
 from msdeformattn.util.errors import UsageError
 from tests.train.conftest import assert_same_training
 

@@ -20,7 +20,7 @@ from torch import nn
 
 from ..models.deformable_detr import DeformableDETR, DeformableDETRConfig
 from ..util.errors import UsageError
-from .batches import GlobalBatchSampler, batch_for, training_loader, worker_options
+from .batches import batch_for, training_loader, worker_options
 from .build import build
 from .check import DataReport, annotation_file, check_dataset
 from .config import PRESETS, TrainConfig
@@ -32,26 +32,15 @@ from .data import (
     simple_eval_transforms,
     simple_train_transforms,
 )
-from .devices import resolve_device
 from .engine import evaluate, train_one_epoch
-from .rng import seed_everything
 from .run import run_training
-from .run_folder import RUN_FILES
 from .task import Loaders, Task
 
-# RUN_FILES, GlobalBatchSampler, batch_for, resolve_device and seed_everything live in
-# .run_folder, .batches, .devices and .rng; they stay importable from here for older callers.
 __all__ = [
-    "RUN_FILES",
     "DetectionTask",
-    "GlobalBatchSampler",
-    "TrainConfig",
-    "batch_for",
     "build_loaders",
     "checked_dataset",
     "eval_transforms",
-    "resolve_device",
-    "seed_everything",
     "train",
     "val_dataset",
 ]

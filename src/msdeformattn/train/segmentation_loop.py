@@ -25,7 +25,6 @@ from ..util.errors import UsageError
 from .batches import batch_for, training_loader, worker_options
 from .config import SEGMENTATION_PRESETS, TrainConfig
 from .engine import train_epoch
-from .plots import plot_training_curves
 from .run import run_training
 from .segmentation_data import (
     SegmentationDataset,
@@ -35,20 +34,14 @@ from .segmentation_data import (
     segmentation_train_transforms,
 )
 from .segmentation_metrics import ConfusionMatrix
-from .segmentation_visualize import PALETTE, colorize, draw_segmentations, overlay
+from .segmentation_visualize import draw_segmentations
 from .task import Loaders, Task
 
-# PALETTE, colorize, draw_segmentations and overlay live in .segmentation_visualize; they
-# stay importable from here for older callers.
 __all__ = [
-    "PALETTE",
     "SegmentationTask",
-    "colorize",
-    "draw_segmentations",
+    "draw_validation",
     "evaluate_segmenter",
     "load_segmenter",
-    "overlay",
-    "plot_segmentation_curves",
     "segment_image",
     "segmentation_eval_transform",
     "segmentation_val_loader",
@@ -60,8 +53,6 @@ __all__ = [
 TASK = "segmentation"
 #: DETR's multi-scale training sizes, for ``augmentation="detr"`` as in detection.
 _DETR_SCALES = range(480, 801, 32)
-#: The curves of a segmentation run are any run's: loss and the headline (mIoU).
-plot_segmentation_curves = plot_training_curves
 
 
 def train_segmenter(
