@@ -13,6 +13,17 @@ from msdeformattn.models.checkpoint import load_checkpoint, save_checkpoint
 from msdeformattn.models.deformable_detr import pad_to_stride
 
 
+def user_error(argv: list[str], capsys) -> str:
+    """Run the command line on ``argv``, which must fail as a user's mistake does: exit
+    status 2 and one line on stderr, no traceback. Returns that line."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "Traceback" not in err[0], err
+    return err[0]
+
+
 @pytest.fixture
 def checkpoint(tmp_path):
     torch.manual_seed(0)
@@ -235,13 +246,8 @@ def test_user_mistakes_are_one_line_and_exit_2(tmp_path, capsys, args, message):
 
     shutil.copytree(data, tmp_path / "badjson")
     (tmp_path / "badjson/annotations/instances_val.json").write_text("{,}")
-    argv = [a.format(tmp=tmp_path, data=data) for a in args]
-    with pytest.raises(SystemExit) as exit_info:
-        main(argv)
-    assert exit_info.value.code == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and re.search(message, err[0]), err
-    assert not any("Traceback" in line for line in err)
+    line = user_error([a.format(tmp=tmp_path, data=data) for a in args], capsys)
+    assert re.search(message, line), line
     assert not (tmp_path / "run" / "last.pt").exists()
     assert (tmp_path / "old" / "last.pt").read_bytes() == b"an earlier run"
 
@@ -617,12 +623,8 @@ def test_segmentation_mistakes_are_one_line_and_exit_2(tmp_path, capsys, args, m
     _segmentation_checkpoint(tmp_path / "three.pt", 3)
     (tmp_path / "old").mkdir()
     (tmp_path / "old" / "last.pt").write_bytes(b"an earlier run")
-    argv = [a.format(tmp=tmp_path, data=data) for a in args]
-    with pytest.raises(SystemExit) as exit_info:
-        main(argv)
-    assert exit_info.value.code == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and re.search(message, err[0]), err
+    line = user_error([a.format(tmp=tmp_path, data=data) for a in args], capsys)
+    assert re.search(message, line), line
     assert not (tmp_path / "run").exists()
     assert (tmp_path / "old" / "last.pt").read_bytes() == b"an earlier run"
 
@@ -638,11 +640,8 @@ def test_resuming_a_run_of_the_other_task_is_one_line_and_exit_2(tmp_path, capsy
     # What --resume reads first of a detection run's last.pt (which has no task entry).
     saved = {"train_config": dataclasses.asdict(TrainConfig()), "epoch": 0, "elapsed": 1.0}
     torch.save(saved, tmp_path / "det" / "last.pt")
-    with pytest.raises(SystemExit) as exit_info:
-        main(["train", "--task", "segmentation", "--data", str(data), "-o",
-              str(tmp_path / "det"), "--resume"])  # fmt: skip
-    assert exit_info.value.code == 2
-    (line,) = capsys.readouterr().err.strip().splitlines()
+    line = user_error(["train", "--task", "segmentation", "--data", str(data), "-o",
+                       str(tmp_path / "det"), "--resume"], capsys)  # fmt: skip
     assert "last.pt is a detection run; resume it with --task detection" in line
     assert sorted(p.name for p in (tmp_path / "det").iterdir()) == ["last.pt"]
 

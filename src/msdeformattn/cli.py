@@ -391,7 +391,7 @@ def _demo(args: argparse.Namespace) -> None:
     from .train.config import PRESETS
     from .train.devices import resolve_device
     from .train.loop import train
-    from .train.run_folder import RUN_FILES
+    from .train.run_folder import next_free_run
     from .train.synthetic import CLASSES, generate
 
     output = Path(args.output)
@@ -400,11 +400,7 @@ def _demo(args: argparse.Namespace) -> None:
     if not (data / "annotations/instances_val.json").exists():
         print(f"generating the synthetic dataset in {data} ...", flush=True)
         generate(data, num_train=args.train_images, num_val=args.val_images, seed=args.seed)
-    # A re-run trains into a new folder: earlier runs are kept.
-    run, k = output / "run", 1
-    while any((run / name).exists() for name in RUN_FILES):
-        k += 1
-        run = output / f"run-{k}"
+    run = next_free_run(output)
     preset = PRESETS["tiny"]
     cfg = dataclasses.replace(preset.train, minutes=args.minutes, seed=args.seed, eval_every=2)
     metrics = train(data, run, preset.model(len(CLASSES)), cfg, device=args.device)
@@ -551,7 +547,7 @@ def _demo_segmentation(args: argparse.Namespace) -> None:
 
     from .train.config import SEGMENTATION_PRESETS
     from .train.devices import resolve_device
-    from .train.run_folder import RUN_FILES
+    from .train.run_folder import next_free_run
     from .train.segmentation_data import generate_segmentation
     from .train.segmentation_loop import draw_validation, load_segmenter, train_segmenter
 
@@ -563,11 +559,7 @@ def _demo_segmentation(args: argparse.Namespace) -> None:
         generate_segmentation(
             data, num_train=args.train_images, num_val=args.val_images, seed=args.seed
         )
-    # A re-run trains into a new folder: earlier runs are kept.
-    run, k = output / "run", 1
-    while any((run / name).exists() for name in RUN_FILES):
-        k += 1
-        run = output / f"run-{k}"
+    run = next_free_run(output)
     cfg = dataclasses.replace(
         SEGMENTATION_PRESETS["tiny"].train, minutes=args.minutes, seed=args.seed
     )

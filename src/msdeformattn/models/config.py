@@ -9,7 +9,21 @@ from typing import Any
 
 from ..util.errors import UsageError
 
-__all__ = ["DeformableDETRConfig", "check_choices", "check_positive_ints", "config_from_dict"]
+__all__ = [
+    "LAPTOP_TRUNK",
+    "DeformableDETRConfig",
+    "check_choices",
+    "check_positive_ints",
+    "config_from_dict",
+]
+
+#: The trunk of the ``tiny`` presets (detector and segmenter): basic blocks of widths
+#: 32-256, one per stage, BatchNorm trained from scratch.
+LAPTOP_TRUNK: dict[str, Any] = {
+    "backbone_norm": "batch",
+    "backbone_widths": (32, 64, 128, 256),
+    "backbone_depths": (1, 1, 1, 1),
+}
 
 
 def check_choices(config: Any, choices: Mapping[str, tuple[str, ...]]) -> None:
@@ -87,9 +101,7 @@ class DeformableDETRConfig:
         a basic-block trunk of widths 32-256 with one block per stage, trainable BatchNorm."""
         base = cls(
             num_classes=num_classes,
-            backbone_norm="batch",
-            backbone_widths=(32, 64, 128, 256),
-            backbone_depths=(1, 1, 1, 1),
+            **LAPTOP_TRUNK,
             d_model=128,
             nheads=8,
             enc_layers=2,

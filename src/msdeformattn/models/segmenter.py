@@ -18,7 +18,7 @@ from torch import nn
 
 from ..util.errors import UsageError
 from .backbone import ResNet
-from .config import DeformableDETRConfig, check_choices, check_positive_ints
+from .config import LAPTOP_TRUNK, DeformableDETRConfig, check_choices, check_positive_ints
 from .deformable_detr import build_trunk
 from .mask2former_head import MaskedAttentionDecoder, semantic_scores
 from .mask_losses import MaskSetLoss
@@ -131,9 +131,7 @@ class SegmenterConfig:
         mask2former head 16 queries and 3 decoder layers (one round over the levels)."""
         base = cls(
             num_classes=num_classes,
-            backbone_norm="batch",
-            backbone_widths=(32, 64, 128, 256),
-            backbone_depths=(1, 1, 1, 1),
+            **LAPTOP_TRUNK,
             d_model=64,
             mask_dim=64,
             nheads=4,

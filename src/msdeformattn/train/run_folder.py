@@ -26,6 +26,7 @@ __all__ = [
     "atomic_save",
     "check_output",
     "clear_run",
+    "next_free_run",
     "prepare_output",
     "read_last",
     "write_checkpoints",
@@ -51,6 +52,16 @@ def check_output(output: Path, resume: bool, overwrite: bool) -> None:
             f"--output {output} already holds a run ({', '.join(present)}); "
             "pass --resume to continue it, --overwrite to replace it, or choose another folder"
         )
+
+
+def next_free_run(parent: Path) -> Path:
+    """``parent/run``, or ``run-2``, ``run-3``, ... when it holds a run: a demo re-run keeps
+    the earlier runs."""
+    run, k = parent / "run", 1
+    while any((run / name).exists() for name in RUN_FILES):
+        k += 1
+        run = parent / f"run-{k}"
+    return run
 
 
 def clear_run(output: Path) -> None:
