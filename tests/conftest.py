@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import os
 
+import pytest
 import torch
 
 # Without a GPU the Triton kernels run under Triton's interpreter on CPU
@@ -136,3 +137,16 @@ def naive_samples(value, shapes, starts, loc, attn, levels, discrete=False):
                             row = value[n, start + yy * W + xx, m].double()
                             out[n, q, m * D : (m + 1) * D] += a * w * row
     return out
+
+
+def user_error(argv: list[str], capsys) -> str:
+    """Run the command line on ``argv``, which must fail as a user's mistake does: exit
+    status 2 and one line on stderr, no traceback. Returns that line."""
+    from msdeformattn.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "Traceback" not in err[0], err
+    return err[0]

@@ -12,16 +12,7 @@ from msdeformattn.models import DeformableDETRConfig, build_model, post_process
 from msdeformattn.models.checkpoint import load_checkpoint, save_checkpoint
 from msdeformattn.models.deformable_detr import pad_to_stride
 
-
-def user_error(argv: list[str], capsys) -> str:
-    """Run the command line on ``argv``, which must fail as a user's mistake does: exit
-    status 2 and one line on stderr, no traceback. Returns that line."""
-    with pytest.raises(SystemExit) as exit_info:
-        main(argv)
-    assert exit_info.value.code == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "Traceback" not in err[0], err
-    return err[0]
+from .conftest import user_error
 
 
 @pytest.fixture

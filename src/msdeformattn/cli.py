@@ -768,7 +768,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     _task_flag(cmp_p)
     cmp_p.add_argument("--output", "-o", required=True)
-    cmp_p.add_argument("--minutes", type=float, default=10.0, help="per model")
+    cmp_p.add_argument("--minutes", type=_positive(float), default=10.0, help="per model")
     cmp_p.add_argument("--seed", type=int, default=0)
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["bench"]:

@@ -15,6 +15,8 @@ from msdeformattn.train.loop import train
 from msdeformattn.train.plots import plot_curves
 from msdeformattn.train.synthetic import generate
 
+from ..conftest import user_error
+
 
 def test_dense_detector_uses_ordinary_attention_and_masks_padding():
     torch.manual_seed(0)
@@ -94,3 +96,14 @@ def test_segmentation_compare_trains_both_decoders_and_a_rerun_keeps_them(tmp_pa
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "already holds a run" in err[0], err
     assert (out / "fpn" / "last.pt").read_bytes() == before
+
+
+def test_compare_refuses_a_budget_before_generating_anything(tmp_path, capsys):
+    from msdeformattn.train.compare import compare
+
+    with pytest.raises(ValueError, match="minutes must be > 0, got 0"):
+        compare(tmp_path / "api", minutes=0, task="segmentation")
+    line = user_error(["compare", "--task", "segmentation", "-o", str(tmp_path / "cli"),
+                       "--minutes", "-1"], capsys)  # fmt: skip
+    assert "--minutes" in line and "must be > 0" in line
+    assert not (tmp_path / "api").exists() and not (tmp_path / "cli").exists()

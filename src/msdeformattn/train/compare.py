@@ -42,6 +42,9 @@ def compare(
     """
     if task not in FIGURES:
         raise ValueError(f"task must be one of {tuple(FIGURES)}, got {task!r}")
+    if not minutes > 0:
+        # Before the data is generated: minutes of work for nothing otherwise.
+        raise ValueError(f"minutes must be > 0, got {minutes!r}")
     output = Path(output)
     data = output / "data"
     results, logs = {}, {}
